@@ -1,0 +1,100 @@
+"""Serve the explorer: `msif explore RUN_DIR_OR_RUNS_ROOT [--port P]` calls `serve`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+APP = PACKAGE_DIR / "app.py"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def command(port: int) -> list[str]:
+    """The streamlit command line for the explorer on 127.0.0.1:`port`."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.address", "127.0.0.1",
+        "--server.port", str(port),
+        "--server.headless", "true",
+        "--server.fileWatcherType", "none",
+        "--browser.gatherUsageStats", "false",
+        "--server.scriptHealthCheckEnabled", "true",  # lets warm_up run the script once
+    ]  # fmt: skip
+
+
+def environment(target: Path) -> dict[str, str]:
+    """The environment of the app process: the run (or folder of runs) in MSIF_RUN."""
+    return {**os.environ, "MSIF_RUN": str(Path(target).expanduser().resolve())}
+
+
+def start(target: Path, port: int | None = None, **popen_kwargs) -> tuple[subprocess.Popen, int]:
+    """Start the explorer in the background; returns the process and its port.
+
+    The working directory is the package folder, so streamlit reads the shipped light theme
+    from explorer/.streamlit/config.toml.
+    """
+    port = port or free_port()
+    process = subprocess.Popen(
+        command(port), cwd=PACKAGE_DIR, env=environment(target), **popen_kwargs
+    )
+    return process, port
+
+
+def serve(target: Path, port: int | None = None) -> int:
+    """Run the explorer on `target` (a run directory or a folder of runs) until interrupted;
+    returns streamlit's exit code."""
+    process, port = start(Path(target), port)
+    try:
+        wait_until_healthy(port, process)
+        warm_up(port)
+        print(f"msif explorer on http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)
+        return process.wait()
+    except RuntimeError as exc:  # streamlit exited before it served
+        print(f"msif explore: {exc}", file=sys.stderr)
+        return process.wait() or 1
+    except KeyboardInterrupt:
+        process.terminate()
+        try:
+            return process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+
+def wait_until_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Block until streamlit answers /_stcore/health on `port` (RuntimeError otherwise)."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/_stcore/health"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the explorer exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the explorer did not answer on port {port} within {timeout:.0f} s")
+
+
+def warm_up(port: int, timeout: float = 120.0) -> bool:
+    """Run the app script once in a headless session (streamlit's script health check), so
+    the first visitor finds the imports done and the run already loaded in the cache."""
+    url = f"http://127.0.0.1:{port}/_stcore/script-health-check"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False

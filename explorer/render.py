@@ -1,0 +1,160 @@
+"""Shared presentation: colours, thumbnails and example cards (HTML built from escaped data).
+
+Everything that comes from a run (text, label names) goes through `html.escape`, so HTML and
+markdown in the data are shown exactly as typed. Small images are scaled up without blurring
+(CSS `image-rendering: pixelated`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+
+import pandas as pd
+from PIL import Image
+
+# One colour per meaning, used by every view (cards, bars, map, charts).
+HELPFUL = "#1a9850"
+HARMFUL = "#d6452b"
+HELPFUL_LIGHT = "#e9f6ee"
+HARMFUL_LIGHT = "#fdeeea"
+NEUTRAL = "#c9ccd1"
+TEST_MARK = "#1f3a93"
+# Diverging scale centred at zero: harmful red, neutral grey, helpful green.
+DIVERGING = [[0.0, HARMFUL], [0.5, "#eceff1"], [1.0, HELPFUL]]
+KIND_COLOURS = {"helpful": HELPFUL, "harmful": HARMFUL}
+
+CSS = f"""
+<style>
+[data-testid="stMainBlockContainer"] {{ padding: 2.2rem 3rem 3rem 3rem; }}
+.msif-list {{ display: grid; gap: 10px;
+  grid-template-columns: repeat(auto-fill, minmax(104px, 1fr)); }}
+.msif-list.msif-textual {{ grid-template-columns: 1fr; }}
+.msif-card {{ border: 1px solid #e3e6ea; border-radius: 10px; padding: 8px; background: #fff;
+  font-family: "Source Sans Pro", sans-serif; font-size: 13px; color: #262730; }}
+.msif-helpful .msif-card {{ border-top: 4px solid {HELPFUL}; }}
+.msif-harmful .msif-card {{ border-top: 4px solid {HARMFUL}; }}
+.msif-card img.msif-thumb {{ width: 100%; max-width: 96px; aspect-ratio: 1; display: block;
+  margin: 0 auto 6px auto; image-rendering: pixelated; border-radius: 4px; background: #000; }}
+.msif-text {{ white-space: pre-wrap; word-break: break-word; background: #f6f7f9;
+  border-radius: 6px; padding: 6px 8px; margin-bottom: 6px; font-size: 13px;
+  font-family: "Source Code Pro", monospace; max-height: 7.5em; overflow: auto; }}
+.msif-facts-line {{ display: flex; gap: 14px; align-items: baseline; margin-bottom: 6px; }}
+.msif-facts-line .msif-head {{ gap: 10px; }}
+.msif-head {{ display: flex; justify-content: space-between; align-items: baseline; }}
+.msif-id {{ font-weight: 700; font-size: 14px; }}
+.msif-rank {{ color: #6b7280; font-size: 12px; }}
+.msif-label {{ color: #4b5563; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
+.msif-score {{ font-variant-numeric: tabular-nums; font-weight: 600; }}
+.msif-helpful .msif-score {{ color: {HELPFUL}; }}
+.msif-harmful .msif-score {{ color: {HARMFUL}; }}
+.msif-bar {{ height: 5px; background: #eef0f3; border-radius: 3px; margin-top: 4px; }}
+.msif-bar > div {{ height: 5px; border-radius: 3px; }}
+.msif-helpful .msif-bar > div {{ background: {HELPFUL}; }}
+.msif-harmful .msif-bar > div {{ background: {HARMFUL}; }}
+.msif-share {{ color: #6b7280; font-size: 11px; }}
+.msif-title {{ font-size: 18px; font-weight: 700; margin: 0 0 2px 0; }}
+.msif-helpful .msif-title {{ color: {HELPFUL}; }}
+.msif-harmful .msif-title {{ color: {HARMFUL}; }}
+.msif-sub {{ color: #6b7280; font-size: 13px; margin-bottom: 10px; }}
+.msif-hero {{ display: flex; gap: 22px; align-items: center; padding: 14px 18px;
+  border: 1px solid #e3e6ea; border-radius: 12px; background: #fafbfc; }}
+.msif-hero img {{ width: 128px; height: 128px; image-rendering: pixelated; border-radius: 6px;
+  background: #000; }}
+.msif-hero .msif-text {{ max-width: 520px; max-height: 9em; font-size: 14px; }}
+.msif-hero h2 {{ margin: 0 0 6px 0; font-size: 26px; }}
+.msif-facts {{ display: flex; gap: 28px; flex-wrap: wrap; }}
+.msif-fact .k {{ color: #6b7280; font-size: 12px; text-transform: uppercase;
+  letter-spacing: .04em; }}
+.msif-fact .v {{ font-size: 20px; font-weight: 600; }}
+.msif-summary {{ font-size: 15px; color: #374151; margin: 2px 0 6px 0; }}
+.msif-helpful-word {{ color: {HELPFUL}; font-weight: 600; }}
+.msif-harmful-word {{ color: {HARMFUL}; font-weight: 600; }}
+.msif-ok {{ color: {HELPFUL}; }}
+.msif-bad {{ color: {HARMFUL}; }}
+</style>
+"""
+
+
+def png_data_uri(png: bytes | None, upscale_to: int | None = None) -> str | None:
+    """A data URI of a PNG; optionally upscaled with nearest neighbour (for canvases that
+    smooth small images, like the picker table)."""
+    if png is None or (isinstance(png, float) and math.isnan(png)):
+        return None
+    if upscale_to:
+        image = Image.open(io.BytesIO(png))
+        if image.width < upscale_to:
+            factor = max(1, upscale_to // image.width)
+            image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            png = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def example_body(row: pd.Series | dict, css_class: str = "msif-thumb") -> str:
+    """The input itself: the image, else the text shown literally, else a placeholder."""
+    uri = png_data_uri(row.get("image_png"))
+    if uri:
+        return f'<img class="{css_class}" src="{uri}" alt="example image">'
+    text = row.get("text")
+    if _present(text):
+        return f'<div class="msif-text">{html.escape(str(text))}</div>'
+    return '<div class="msif-text">(no image or text)</div>'
+
+
+def label_text(row: pd.Series | dict, name_col: str = "label_name", id_col: str = "label") -> str:
+    name, value = row.get(name_col), row.get(id_col)
+    if _present(name):
+        return str(name)
+    return str(int(value)) if _present(value) else "unlabelled"
+
+
+def format_score(score: float) -> str:
+    return f"{score:+.3g}"
+
+
+def example_cards(rows: pd.DataFrame, kind: str, total_abs: float | None) -> str:
+    """A grid of cards, one per top-k example: input, `#<pretrain_id>`, label, score, share.
+
+    Image examples get a square card each; text examples a full-width card whose facts sit
+    on one line above the text.
+    """
+    textual = rows["image_png"].isna().all() if "image_png" in rows else True
+    cards = []
+    for _, row in rows.iterrows():
+        share = abs(float(row["score"])) / total_abs if total_abs else 0.0
+        head = (
+            '<div class="msif-head">'
+            f'<span class="msif-id">#{int(row["pretrain_id"])}</span>'
+            f'<span class="msif-rank">rank {int(row["rank"])}</span></div>'
+        )
+        label = f'<div class="msif-label">{html.escape(label_text(row))}</div>'
+        score = f'<div class="msif-score">{format_score(float(row["score"]))}</div>'
+        bar = (
+            f'<div class="msif-bar"><div style="width:{min(100.0, 100 * share):.1f}%"></div>'
+            f'</div><div class="msif-share">{100 * share:.1f}% share</div>'
+        )
+        if textual:
+            facts = f'<div class="msif-facts-line">{head}{label}{score}</div>'
+            cards.append(f'<div class="msif-card">{facts}{example_body(row)}{bar}</div>')
+        else:
+            cards.append(
+                f'<div class="msif-card">{example_body(row)}{head}{label}{score}{bar}</div>'
+            )
+    layout = "msif-list msif-textual" if textual else "msif-list"
+    return f'<div class="msif-{kind}"><div class="{layout}">' + "".join(cards) + "</div></div>"
+
+
+def list_header(kind: str, subtitle: str) -> str:
+    title = "Helpful" if kind == "helpful" else "Harmful"
+    return (
+        f'<div class="msif-{kind}"><div class="msif-title">{title}</div>'
+        f'<div class="msif-sub">{html.escape(subtitle)}</div></div>'
+    )

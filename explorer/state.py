@@ -1,0 +1,117 @@
+"""The page state lives in the URL: `?test=ID&scenario=S&k=K&view=V` (plus `run=` for a folder
+of runs), so every view is a link that can be sent to someone.
+
+Widgets never own the state: they write `st.query_params` in their callbacks, and each rerun
+reads the selection back from the URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from explorer.data import Run
+
+VIEWS = {
+    "examples": "Helpful & harmful",
+    "map": "Embedding map",
+    "tests": "All tests",
+    "distribution": "Score distribution",
+    "classes": "Per class",
+    "compare": "Fixed vs updated",
+    "false_transfer": "False transfer",
+    "provenance": "Provenance",
+}
+DEFAULT_VIEW = "examples"
+DEFAULT_K = 10
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the page shows: one test prediction of one scenario, k examples, one view."""
+
+    scenario: str
+    test_id: int
+    k: int
+    view: str
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def read_selection(run: Run) -> tuple[Selection, list[str]]:
+    """The selection in the URL, validated against the run; the URL is rewritten to the
+    values shown. The second value lists what in the URL could not be used, as sentences."""
+    params = st.query_params
+    notes = []
+
+    scenarios = run.scenarios
+    scenario = params.get("scenario")
+    if scenario not in scenarios:
+        if scenario is not None:
+            notes.append(f"Scenario {scenario!r} is not in this run; showing {scenarios[0]!r}.")
+        scenario = scenarios[0]
+
+    test_ids = run.test.index
+    test_id = _int(params.get("test"))
+    if test_id is None or test_id not in test_ids:
+        if params.get("test") is not None:
+            notes.append(f"Test {params.get('test')} is not in this run; showing another test.")
+        test_id = default_test(run, scenario)
+
+    top_k = max(1, run.top_k)
+    k = _int(params.get("k"))
+    if k is None or not 1 <= k <= top_k:
+        if params.get("k") is not None:
+            notes.append(
+                f"k={params.get('k')} is out of range 1..{top_k}; showing {min(DEFAULT_K, top_k)}."
+            )
+        k = min(DEFAULT_K, top_k)
+
+    view = params.get("view", DEFAULT_VIEW)
+    if view not in VIEWS:
+        notes.append(f"There is no view {view!r}; showing the main view.")
+        view = DEFAULT_VIEW
+
+    selection = Selection(scenario=scenario, test_id=int(test_id), k=k, view=view)
+    write_selection(selection)
+    return selection, notes
+
+
+def default_test(run: Run, scenario: str) -> int:
+    """The first wrong prediction (the interesting case), else the first test."""
+    preds = run.predictions[run.predictions["scenario"] == scenario]
+    wrong = preds[~preds["correct"].astype(bool)]
+    if len(wrong):
+        return int(wrong["test_id"].iloc[0])
+    return int(run.test.index[0])
+
+
+def write_selection(selection: Selection) -> None:
+    """Put the selection into the URL (only the keys that changed, to keep history clean)."""
+    wanted = {
+        "test": str(selection.test_id),
+        "scenario": selection.scenario,
+        "k": str(selection.k),
+        "view": selection.view,
+    }
+    for key, value in wanted.items():
+        if st.query_params.get(key) != value:
+            st.query_params[key] = value
+
+
+def select_test(test_id: int) -> None:
+    """Make `test_id` the selected test (used from callbacks; the rerun reads it back)."""
+    st.query_params["test"] = str(int(test_id))
+
+
+def set_param(name: str, widget_key: str) -> None:
+    """Callback: copy a widget's value into the URL parameter `name`."""
+    value = st.session_state.get(widget_key)
+    if value is not None:
+        st.query_params[name] = str(value)

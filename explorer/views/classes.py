@@ -1,0 +1,92 @@
+"""Per-class aggregates: helpful and harmful mass per pretraining class for the selected test,
+and across all tests a heatmap of test class x pretraining class (mean score)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from explorer import data
+from explorer.data import Run
+from explorer.render import DIVERGING, HARMFUL, HELPFUL
+from explorer.state import Selection
+
+
+def class_mass(run: Run, selection: Selection) -> tuple[pd.DataFrame, str]:
+    """Helpful (sum of positive scores) and harmful (sum of negative) mass per pretrain class."""
+    scores = data.test_scores(run, selection.scenario, selection.test_id)
+    if scores is None:
+        top = pd.concat(
+            [
+                data.top_list(run, selection.scenario, selection.test_id, kind, run.top_k)
+                for kind in ("helpful", "harmful")
+            ]
+        )
+        scores = top.set_index("pretrain_id")["score"]
+        source = "the top-k lists only (no scores.parquet)"
+    else:
+        source = "all pretraining examples"
+    labels = run.pretrain["label_name"].fillna(run.pretrain["label"].astype("string")).astype(str)
+    frame = pd.DataFrame({"score": scores.astype(float), "class": labels.reindex(scores.index)})
+    mass = pd.DataFrame(
+        {
+            "helpful": frame["score"].clip(lower=0).groupby(frame["class"]).sum(),
+            "harmful": frame["score"].clip(upper=0).groupby(frame["class"]).sum(),
+        }
+    )
+    return mass, source
+
+
+def render(run: Run, selection: Selection) -> None:
+    mass, source = class_mass(run, selection)
+    order = data.class_order(run)
+    mass = mass.reindex([c for c in order if c in mass.index])
+    st.subheader(f"Test {selection.test_id}: influence per pretraining class")
+    st.caption(f"Sum of positive (helpful) and negative (harmful) scores per class, from {source}.")
+    bars = go.Figure(
+        [
+            go.Bar(x=mass.index, y=mass["helpful"], name="helpful", marker_color=HELPFUL),
+            go.Bar(x=mass.index, y=mass["harmful"], name="harmful", marker_color=HARMFUL),
+        ]
+    )
+    bars.update_layout(
+        barmode="relative",
+        height=360,
+        margin=dict(l=10, r=10, t=10, b=10),
+        xaxis_title="pretraining class",
+        yaxis_title="summed score",
+    )
+    st.plotly_chart(bars, config={"displaylogo": False})
+
+    st.subheader("All tests: test class × pretraining class")
+    heat, source = data.class_heatmap(run, selection.scenario)
+    if heat.empty:
+        st.info("No scores to aggregate in this scenario.")
+        return
+    st.caption(f"Mean score over {source}, {selection.scenario} scenario.")
+    heat = heat.reindex(
+        index=[c for c in order if c in heat.index], columns=[c for c in order if c in heat.columns]
+    )
+    limit = float(heat.abs().max().max()) or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=heat.to_numpy(),
+            x=list(heat.columns),
+            y=list(heat.index),
+            colorscale=DIVERGING,
+            zmid=0.0,
+            zmin=-limit,
+            zmax=limit,
+            colorbar=dict(title="mean score"),
+            hovertemplate="test %{y} · pretrain %{x}<br>mean score %{z:.3g}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=460,
+        margin=dict(l=10, r=10, t=10, b=10),
+        xaxis_title="pretraining class",
+        yaxis_title="test class (true)",
+        yaxis_autorange="reversed",
+    )
+    st.plotly_chart(fig, config={"displaylogo": False})

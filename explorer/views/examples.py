@@ -1,0 +1,93 @@
+"""The main view: the top-k helpful and harmful pretraining examples of the selected test,
+side by side, each with its input, `#<pretrain_id>`, label, score and share of the influence."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+import streamlit as st
+
+from explorer import data
+from explorer.data import Run
+from explorer.render import example_cards, list_header
+from explorer.state import Selection
+
+EXPORT_COLUMNS = [
+    "scenario",
+    "test_id",
+    "kind",
+    "rank",
+    "pretrain_id",
+    "score",
+    "label",
+    "label_name",
+]
+
+
+def total_influence(run: Run, selection: Selection) -> tuple[float | None, str]:
+    """Sum of |score| over every pretraining example (the share's denominator), and its name."""
+    scores = data.test_scores(run, selection.scenario, selection.test_id)
+    if scores is not None:
+        return float(scores.abs().sum()), "of the total |score| over all pretraining examples"
+    top = pd.concat(
+        [
+            data.top_list(run, selection.scenario, selection.test_id, kind, run.top_k)
+            for kind in ("helpful", "harmful")
+        ]
+    )
+    return float(top["score"].abs().sum()), "of the |score| in the top-k lists (no scores.parquet)"
+
+
+def summary(lists: dict[str, pd.DataFrame], scores: pd.Series | None) -> str:
+    """One sentence a stakeholder can read: which classes dominate each list, and how
+    concentrated the influence is."""
+    parts = []
+    for kind, rows in lists.items():
+        if rows.empty:
+            continue
+        names = rows["label_name"].fillna(rows["label"].astype("string")).astype(str)
+        top_name, count = names.value_counts().index[0], int(names.value_counts().iloc[0])
+        parts.append(
+            f'the top-{len(rows)} <span class="msif-{kind}-word">{kind}</span> are mostly '
+            f"<b>{html.escape(top_name)}</b> ({count} of {len(rows)})"
+        )
+    sentence = "; ".join(parts)
+    if scores is not None and len(scores):
+        carry = data.influence_mass(scores.to_numpy(), fractions=(0.8,))[0.8]
+        sentence += (
+            f". {carry:,} of the {len(scores):,} pretraining examples carry 80% of the "
+            "total influence (sum of |score|)"
+        )
+    return f'<div class="msif-summary">{sentence[:1].upper() + sentence[1:]}.</div>'
+
+
+def render(run: Run, selection: Selection) -> None:
+    total, denominator = total_influence(run, selection)
+    lists = {
+        kind: data.top_list(run, selection.scenario, selection.test_id, kind, selection.k)
+        for kind in ("helpful", "harmful")
+    }
+    st.html(summary(lists, data.test_scores(run, selection.scenario, selection.test_id)))
+    subtitles = {
+        "helpful": "Removing these would raise the test loss most (score > 0).",
+        "harmful": "Removing these would lower the test loss most (score < 0).",
+    }
+    columns = st.columns(2, gap="large")
+    for column, (kind, rows) in zip(columns, lists.items(), strict=True):
+        with column:
+            st.html(list_header(kind, subtitles[kind]))
+            if rows.empty:
+                st.info(f"No {kind} examples are stored for this test.")
+            else:
+                st.html(example_cards(rows, kind, total))
+    st.caption(f"Share = |score| {denominator}.")
+    export = pd.concat(lists.values())
+    export = export[[c for c in EXPORT_COLUMNS if c in export.columns]]
+    st.download_button(
+        "Download these lists (CSV)",
+        export.to_csv(index=False),
+        file_name=f"msif_{run.name}_{selection.scenario}_test{selection.test_id}_top{selection.k}.csv",
+        mime="text/csv",
+        icon=":material/download:",
+    )

@@ -1,0 +1,244 @@
+"""The task contract: how a user describes a pretrain/finetune setup to msif.
+
+A task names the data of both stages, the trained models, which parameters are SHARED (W, the
+pretrained embedding reused by finetuning) and the per-example losses. Everything else about a
+model is the task's business. See DESIGN.md section 4.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCENARIOS = ("fixed", "updated")
+
+BUILTIN_TASKS = {
+    "digits": "precompute.tasks.digits:DigitsTask",
+}
+
+
+class TaskError(ValueError):
+    """A task (or its data or models) breaks the contract; the message is one sentence."""
+
+
+class MultiStageTask:
+    """Base class of every msif task. Subclass it and implement the methods below.
+
+    Notation (DESIGN.md section 2): W = shared parameters, U = pretraining-only parameters,
+    T = finetuning-only parameters. Pretraining minimises
+    G(W, U) = (1/m) sum_i g(z_i; W, U) + (pretrain_l2/2)(|W|^2 + |U|^2); finetuning minimises
+    (1/n) sum_j f(x_j; W, T) + (finetune_l2/2)|T|^2 over T (FIXED) or, in UPDATED, over (W, T)
+    with (finetune_l2/2)|W|^2 + (proximal_alpha/2)|W - W_pt|^2 added.
+    """
+
+    name: str = "task"
+    scenarios: tuple[str, ...] = SCENARIOS
+    pretrain_l2: float = 0.0
+    finetune_l2: float = 0.0
+    proximal_alpha: float = 1.0
+
+    # data: map-style datasets; batches come from a DataLoader with default collation
+    def pretrain_data(self) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def finetune_train_data(self) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def finetune_test_data(self) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    # models: trained; the shared parameter names exist in both
+    def pretrained_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def finetuned_model(self, scenario: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[str]:
+        raise NotImplementedError
+
+    # losses and outputs, per example
+    def pretrain_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example pretraining loss g(z; W, U), shape [B]."""
+        raise NotImplementedError
+
+    def finetune_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example finetuning loss f(x; W, T), shape [B]."""
+        raise NotImplementedError
+
+    def finetune_logits(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Class logits of the finetuned model, shape [B, C]."""
+        raise NotImplementedError
+
+    def represent(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Shared representation, shape [B, d] (used for the embedding maps)."""
+        raise NotImplementedError
+
+    def describe(self, split: str, index: int) -> dict:
+        """{"label", "label_name", "text", "image"} of one example; split is pretrain or test."""
+        raise NotImplementedError
+
+    # optional hooks for validation by retraining (msif validate):
+    #   fit_pretrained(keep: bool tensor over pretraining examples) -> trained pretrained model
+    #   fit_finetuned(pretrained_model, scenario) -> trained finetuned model
+
+
+REQUIRED_METHODS = (
+    "pretrain_data",
+    "finetune_train_data",
+    "finetune_test_data",
+    "pretrained_model",
+    "finetuned_model",
+    "shared_parameters",
+    "pretrain_loss",
+    "finetune_loss",
+    "finetune_logits",
+    "represent",
+    "describe",
+)
+
+
+def load_task(spec: str) -> MultiStageTask:
+    """Instantiate a task from a built-in name, `package.module:Class` or `file.py:Class`."""
+    target = BUILTIN_TASKS.get(spec, spec)
+    if ":" not in target:
+        known = ", ".join(sorted(BUILTIN_TASKS))
+        raise TaskError(
+            f"unknown task {spec!r}: use a built-in name ({known}), package.module:Class "
+            "or path/to/file.py:Class"
+        )
+    where, _, class_name = target.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise TaskError(f"task file {where!r} does not exist")
+        module_name = f"msif_task_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file failed to import: say where
+            raise TaskError(f"task file {where!r} failed to import: {exc!r}") from exc
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise TaskError(f"cannot import task module {where!r}: {exc}") from exc
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise TaskError(f"task class {class_name!r} not found in {where!r}")
+    if not (inspect.isclass(cls) and issubclass(cls, MultiStageTask)):
+        raise TaskError(f"{target!r} is not a subclass of precompute.MultiStageTask")
+    missing = [
+        name for name in REQUIRED_METHODS if getattr(cls, name) is getattr(MultiStageTask, name)
+    ]
+    if missing:
+        raise TaskError(f"task {target!r} does not implement {', '.join(missing)}")
+    try:
+        task = cls()
+    except Exception as exc:
+        raise TaskError(f"task {target!r} failed to construct: {exc!r}") from exc
+    bad = [s for s in task.scenarios if s not in SCENARIOS]
+    if bad or not task.scenarios:
+        raise TaskError(f"task {target!r} has unknown scenarios {bad}: use fixed and/or updated")
+    if "updated" in task.scenarios and not task.proximal_alpha > 0:
+        raise TaskError(
+            f"task {target!r}: proximal_alpha must be > 0 for the updated scenario "
+            f"(got {task.proximal_alpha})"
+        )
+    return task
+
+
+def call(task: MultiStageTask, method: str, *args: Any) -> Any:
+    """task.method(*args), with any exception turned into one TaskError sentence naming it."""
+    try:
+        return getattr(task, method)(*args)
+    except TaskError:
+        raise
+    except Exception as exc:
+        raise TaskError(
+            f"task {task.name!r}: {method}() raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def check_models(
+    task: MultiStageTask, pretrained: torch.nn.Module, finetuned: dict[str, torch.nn.Module]
+) -> list[str]:
+    """The shared parameter names, after checking them against every model; TaskError if off."""
+    shared = call(task, "shared_parameters")
+    if not shared or not all(isinstance(n, str) for n in shared):
+        raise TaskError(f"task {task.name!r}: shared_parameters() must be a non-empty list of str")
+    models = {"pretrained model": pretrained}
+    models.update({f"finetuned model ({s})": m for s, m in finetuned.items()})
+    reference = dict(pretrained.named_parameters())
+    for what, model in models.items():
+        params = dict(model.named_parameters())
+        for name in shared:
+            if name not in params:
+                raise TaskError(
+                    f"task {task.name!r}: shared parameter {name!r} is not a parameter of the "
+                    f"{what}"
+                )
+            if name in reference and params[name].shape != reference[name].shape:
+                raise TaskError(
+                    f"task {task.name!r}: shared parameter {name!r} has shape "
+                    f"{tuple(params[name].shape)} in the {what} but "
+                    f"{tuple(reference[name].shape)} in the pretrained model"
+                )
+    if "fixed" in finetuned:
+        params = dict(finetuned["fixed"].named_parameters())
+        for name in shared:
+            if not torch.allclose(params[name].detach().cpu(), reference[name].detach().cpu()):
+                raise TaskError(
+                    f"task {task.name!r}: in the fixed scenario the finetuned model's shared "
+                    f"parameter {name!r} must equal the pretrained one, but it differs"
+                )
+    return list(shared)
+
+
+def check_outputs(
+    task: MultiStageTask, method: str, model: torch.nn.Module, batch: Any, size: int, what: str
+) -> torch.Tensor:
+    """Run a per-example method on a batch of `size` and check its shape and finiteness."""
+    with torch.no_grad():
+        out = call(task, method, model, batch)
+    if not isinstance(out, torch.Tensor):
+        raise TaskError(
+            f"task {task.name!r}: {method}() on {what} returned {type(out).__name__}, not a tensor"
+        )
+    want = (
+        "[B]" if method.endswith("_loss") else "[B, C]" if method.endswith("logits") else "[B, d]"
+    )
+    ok = out.ndim == (1 if want == "[B]" else 2) and out.shape[0] == size
+    if not ok:
+        raise TaskError(
+            f"task {task.name!r}: {method}() on a batch of {size} from {what} returned shape "
+            f"{list(out.shape)}; it must be {want.replace('B', str(size))}, one row per example"
+        )
+    if not torch.isfinite(out).all():
+        raise TaskError(f"task {task.name!r}: {method}() returned non-finite values on {what}")
+    return out
+
+
+def check_data(task: MultiStageTask) -> dict[str, torch.utils.data.Dataset]:
+    """The three datasets, each checked to be non-empty."""
+    data = {}
+    for method in ("pretrain_data", "finetune_train_data", "finetune_test_data"):
+        dataset = call(task, method)
+        try:
+            size = len(dataset)
+        except TypeError as exc:
+            raise TaskError(
+                f"task {task.name!r}: {method}() must return a map-style Dataset with a length"
+            ) from exc
+        if size == 0:
+            raise TaskError(f"task {task.name!r}: {method}() is empty")
+        data[method] = dataset
+    return data

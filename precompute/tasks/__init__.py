@@ -1,0 +1,1 @@
+"""Built-in tasks, each a precompute.MultiStageTask named in precompute.task.BUILTIN_TASKS."""

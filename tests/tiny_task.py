@@ -1,0 +1,172 @@
+"""A tiny smooth two-stage float64 task for ground-truth tests (explicit Hessians, leave-one-out).
+
+Pretraining: 3-class softmax regression on tanh features, W = encoder (4 -> 3), U = head (3 -> 3).
+Finetuning: 2-class softmax regression on the same features, T = head (3 -> 2).
+Strong L2 keeps both stages well conditioned, so leave-one-out retraining is accurate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from precompute import MultiStageTask
+
+
+class TinyNet(nn.Module):
+    def __init__(self, classes: int, inputs: int = 4, hidden: int = 3):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def minimise(objective, params, steps: int = 500) -> None:
+    """Full-batch L-BFGS to machine precision."""
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=steps,
+        tolerance_grad=1e-11,
+        tolerance_change=1e-16,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        value = objective()
+        value.backward()
+        return value
+
+    opt.step(closure)
+
+
+class TinyTask(MultiStageTask):
+    name = "tiny"
+    pretrain_l2 = 0.05
+    finetune_l2 = 0.05
+    proximal_alpha = 0.5
+    m, n, q = 200, 20, 6
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        dt = torch.float64
+        teacher = torch.randn(4, 3, generator=g, dtype=dt)
+        x = torch.randn(self.m + self.n + self.q, 4, generator=g, dtype=dt)
+        noise = torch.randn(len(x), 3, generator=g, dtype=dt)
+        y3 = (x @ teacher + noise).argmax(1)
+        y2 = ((x[:, 0] - x[:, 1] + 0.5 * noise[:, 0]) > 0).long()
+        m, n = self.m, self.n
+        self.pre = TensorDataset(x[:m], y3[:m])
+        self.train = TensorDataset(x[m : m + n], y2[m : m + n])
+        self.test = TensorDataset(x[m + n :], y2[m + n :])
+        self._pretrained = None
+        self._finetuned = {}
+
+    def pretrain_data(self):
+        return self.pre
+
+    def finetune_train_data(self):
+        return self.train
+
+    def finetune_test_data(self):
+        return self.test
+
+    def shared_parameters(self):
+        return ["encoder.0.weight", "encoder.0.bias"]
+
+    def pretrain_loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    def finetune_loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    def finetune_logits(self, model, batch):
+        return model(batch[0])
+
+    def represent(self, model, batch):
+        return model.encoder(batch[0])
+
+    def describe(self, split, index):
+        data = {"pretrain": self.pre, "test": self.test}[split]
+        label = int(data.tensors[1][index])
+        return {
+            "label": label,
+            "label_name": f"class {label}",
+            "text": f"{split} {index}",
+            "image": None,
+        }
+
+    # training, and the fit hooks of validation by retraining
+    def fit_pretrained(self, keep=None, start=None):
+        x, y = self.pre.tensors
+        weight = torch.ones(len(x), dtype=x.dtype) if keep is None else keep.to(x.dtype)
+        torch.manual_seed(1)
+        model = TinyNet(3).double()
+        if start is not None:
+            model.load_state_dict(start.state_dict())
+        elif self._pretrained is not None:
+            model.load_state_dict(self._pretrained.state_dict())
+
+        def objective():
+            reg = sum((p**2).sum() for p in model.parameters())
+            # (1/m) sum over the kept examples, m = the full count: removing z is upweighting it
+            # by -1/m, the change the score predicts (DESIGN.md section 3)
+            data = (weight * F.cross_entropy(model(x), y, reduction="none")).sum() / len(x)
+            return data + self.pretrain_l2 / 2 * reg
+
+        minimise(objective, list(model.parameters()))
+        return model.eval()
+
+    def fit_finetuned(self, pretrained, scenario):
+        x, y = self.train.tensors
+        torch.manual_seed(2)
+        model = TinyNet(2).double()
+        model.encoder.load_state_dict(pretrained.encoder.state_dict())
+        if scenario in self._finetuned:
+            model.head.load_state_dict(self._finetuned[scenario].head.state_dict())
+        anchor = [p.detach().clone() for p in pretrained.encoder.parameters()]
+        if scenario == "fixed":
+            for p in model.encoder.parameters():
+                p.requires_grad_(False)
+
+            def objective():
+                reg = sum((p**2).sum() for p in model.head.parameters())
+                return F.cross_entropy(model(x), y) + self.finetune_l2 / 2 * reg
+
+            minimise(objective, list(model.head.parameters()))
+            for p in model.encoder.parameters():
+                p.requires_grad_(True)
+        else:
+
+            def objective():
+                reg = sum((p**2).sum() for p in model.parameters())
+                prox = sum(
+                    ((p - a) ** 2).sum()
+                    for p, a in zip(model.encoder.parameters(), anchor, strict=True)
+                )
+                return (
+                    F.cross_entropy(model(x), y)
+                    + self.finetune_l2 / 2 * reg
+                    + self.proximal_alpha / 2 * prox
+                )
+
+            minimise(objective, list(model.parameters()))
+        return model.eval()
+
+    def pretrained_model(self):
+        if self._pretrained is None:
+            self._pretrained = self.fit_pretrained()
+        return self._pretrained
+
+    def finetuned_model(self, scenario):
+        if scenario not in self._finetuned:
+            self._finetuned[scenario] = self.fit_finetuned(self.pretrained_model(), scenario)
+        return self._finetuned[scenario]
