@@ -37,7 +37,7 @@ def embedding_map(
         test_padded = np.zeros((len(test_rep), 2), dtype=np.float32)
         test_padded[:, : min(2, pre.shape[1])] = test_rep[:, :2]
         return padded, test_padded
-    reducer = umap.UMAP(n_neighbors=min(15, len(pre) - 1), min_dist=0.1, random_state=0)
+    reducer = umap.UMAP(n_neighbors=min(15, len(pre) - 1), min_dist=0.1, random_state=0, n_jobs=1)
     pre_xy = reducer.fit_transform(pre)
     test_xy = reducer.transform(test_rep)
     return pre_xy.astype(np.float32), test_xy.astype(np.float32)

@@ -135,7 +135,10 @@ def test_fixed_and_updated_differ(task):
 def leave_one_out(task, scenario, removed):
     """Actual change of every test loss when each pretraining example in `removed` is dropped."""
     xt, yt = task.test.tensors
-    base = task.finetune_loss(task.fit_finetuned(task.fit_pretrained(), scenario), (xt, yt))
+    everything = torch.ones(task.m, dtype=torch.bool)
+    base = task.finetune_loss(
+        task.fit_finetuned(task.fit_pretrained(everything), scenario), (xt, yt)
+    )
     columns = []
     for i in removed:
         keep = torch.ones(task.m, dtype=torch.bool)

@@ -105,15 +105,31 @@ class TinyTask(MultiStageTask):
         }
 
     # training, and the fit hooks of validation by retraining
-    def fit_pretrained(self, keep=None, start=None):
+    def fit_pretrained(self, keep):
+        """Retrain without the examples where keep is False, from the full optimum."""
+        return self._pretrain(keep, self.pretrained_model())
+
+    def fit_finetuned(self, pretrained, scenario):
+        """Finetune from `pretrained`, from the full finetuned optimum of the scenario."""
+        return self._finetune(pretrained, scenario, self.finetuned_model(scenario))
+
+    def pretrained_model(self):
+        if self._pretrained is None:
+            self._pretrained = self._pretrain(None, None)
+        return self._pretrained
+
+    def finetuned_model(self, scenario):
+        if scenario not in self._finetuned:
+            self._finetuned[scenario] = self._finetune(self.pretrained_model(), scenario, None)
+        return self._finetuned[scenario]
+
+    def _pretrain(self, keep, start):
         x, y = self.pre.tensors
         weight = torch.ones(len(x), dtype=x.dtype) if keep is None else keep.to(x.dtype)
         torch.manual_seed(1)
         model = TinyNet(3).double()
         if start is not None:
             model.load_state_dict(start.state_dict())
-        elif self._pretrained is not None:
-            model.load_state_dict(self._pretrained.state_dict())
 
         def objective():
             reg = sum((p**2).sum() for p in model.parameters())
@@ -125,13 +141,13 @@ class TinyTask(MultiStageTask):
         minimise(objective, list(model.parameters()))
         return model.eval()
 
-    def fit_finetuned(self, pretrained, scenario):
+    def _finetune(self, pretrained, scenario, start):
         x, y = self.train.tensors
         torch.manual_seed(2)
         model = TinyNet(2).double()
         model.encoder.load_state_dict(pretrained.encoder.state_dict())
-        if scenario in self._finetuned:
-            model.head.load_state_dict(self._finetuned[scenario].head.state_dict())
+        if start is not None:
+            model.head.load_state_dict(start.head.state_dict())
         anchor = [p.detach().clone() for p in pretrained.encoder.parameters()]
         if scenario == "fixed":
             for p in model.encoder.parameters():
@@ -160,13 +176,3 @@ class TinyTask(MultiStageTask):
 
             minimise(objective, list(model.parameters()))
         return model.eval()
-
-    def pretrained_model(self):
-        if self._pretrained is None:
-            self._pretrained = self.fit_pretrained()
-        return self._pretrained
-
-    def finetuned_model(self, scenario):
-        if scenario not in self._finetuned:
-            self._finetuned[scenario] = self.fit_finetuned(self.pretrained_model(), scenario)
-        return self._finetuned[scenario]

@@ -1,0 +1,177 @@
+"""The `msif` command line: precompute, validate, explore, demo (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_TASK = "digits"
+DEFAULT_RUNS = Path("runs")
+
+
+def _damping(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(
+        prog="msif",
+        description="Trace finetuned predictions back to the pretraining examples that caused "
+        "them (multi-stage influence functions).",
+    )
+    commands = main.add_subparsers(dest="command", required=True)
+
+    pre = commands.add_parser("precompute", help="compute influence scores into a run directory")
+    pre.add_argument(
+        "--task", required=True, help="built-in name, package.module:Class or path/to/file.py:Class"
+    )
+    pre.add_argument("--out", required=True, type=Path, help="run directory to write")
+    pre.add_argument("--scenarios", help="comma-separated: fixed,updated (default: the task's)")
+    pre.add_argument("--solver", default="auto", choices=["auto", "exact", "cg"])
+    pre.add_argument(
+        "--damping",
+        default="auto",
+        type=_damping,
+        help="absolute damping d >= 0 added to every Hessian, or auto",
+    )
+    pre.add_argument("--top-k", default=20, type=_positive)
+    pre.add_argument("--full-scores", default="auto", choices=["auto", "on", "off"])
+    pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pre.add_argument("--batch-size", default=256, type=_positive)
+    pre.add_argument("--cg-tol", default=1e-6, type=float)
+    pre.add_argument("--cg-max-iter", default=500, type=_positive)
+    pre.add_argument("--no-maps", action="store_true", help="skip the UMAP embedding map")
+    pre.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
+
+    val = commands.add_parser("validate", help="compare scores with leave-one-out retraining")
+    val.add_argument("--task", required=True)
+    val.add_argument("--run", required=True, type=Path)
+    val.add_argument("--n", default=10, type=_positive, help="pretraining examples to remove")
+    val.add_argument("--tests", default=3, type=_positive, help="test examples to follow")
+    val.add_argument("--seed", default=0, type=int)
+
+    exp = commands.add_parser("explore", help="open the explorer on a run or a folder of runs")
+    exp.add_argument("target", type=Path)
+    exp.add_argument("--port", type=int)
+
+    demo = commands.add_parser("demo", help="precompute the digits task if needed, then explore")
+    demo.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="folder of runs")
+    demo.add_argument("--port", type=int)
+    demo.add_argument("--no-browser", action="store_true", help="precompute only")
+    return main
+
+
+def run_precompute(args) -> Path:
+    from precompute.pipeline import PrecomputeConfig, precompute
+    from precompute.task import load_task
+
+    config = PrecomputeConfig(
+        scenarios=tuple(s.strip() for s in args.scenarios.split(",")) if args.scenarios else None,
+        solver=args.solver,
+        damping=args.damping,
+        top_k=args.top_k,
+        full_scores=args.full_scores,
+        device=args.device,
+        batch_size=args.batch_size,
+        cg_tol=args.cg_tol,
+        cg_max_iter=args.cg_max_iter,
+        maps=not args.no_maps,
+        overwrite=args.overwrite,
+    )
+    out = precompute(load_task(args.task), args.out, config, log=_log)
+    print(f"msif: wrote {out}")
+    return out
+
+
+def run_validate(args) -> None:
+    from precompute.task import load_task
+    from precompute.validate import correlations, validate
+
+    frame = validate(
+        load_task(args.task), args.run, n=args.n, tests=args.tests, seed=args.seed, log=_log
+    )
+    with_pd = frame.sort_values(["scenario", "test_id", "predicted"])
+    print(with_pd.to_string(index=False, float_format=lambda v: f"{v:+.3e}"))
+    for scenario, group in [("all", frame), *frame.groupby("scenario")]:
+        c = correlations(group)
+        if c["pearson"] is None:
+            print(f"{scenario}: {c['pairs']} pairs, too few for a correlation")
+        else:
+            print(
+                f"{scenario}: {c['pairs']} pairs, Pearson {c['pearson']:.3f}, "
+                f"Spearman {c['spearman']:.3f}, slope {c['slope']:.3f}"
+            )
+    print(f"msif: wrote {args.run / 'validation.parquet'}")
+
+
+def run_demo(args) -> int:
+    from precompute.rundir import is_complete
+
+    out = args.runs / DEFAULT_TASK
+    if is_complete(out):
+        print(f"msif: using the existing run {out}")
+    else:
+        precompute_args = parser().parse_args(
+            ["precompute", "--task", DEFAULT_TASK, "--out", str(out)]
+        )
+        run_precompute(precompute_args)
+    if args.no_browser:
+        return 0
+    from explorer.launch import serve
+
+    return serve(out, args.port)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from precompute.rundir import RunError
+    from precompute.task import TaskError
+
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "precompute":
+            run_precompute(args)
+        elif args.command == "validate":
+            run_validate(args)
+        elif args.command == "explore":
+            from explorer.launch import serve
+
+            return serve(args.target, args.port)
+        elif args.command == "demo":
+            return run_demo(args)
+    except (TaskError, RunError, ValueError, FloatingPointError, OSError) as exc:
+        if os.environ.get("MSIF_DEBUG"):
+            raise
+        print(f"msif: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msif: interrupted; no run was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

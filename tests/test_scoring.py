@@ -1,0 +1,112 @@
+"""The streaming pretraining pass against the slow obvious loop (one backward per example)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from precompute.objective import ParamSpace
+from precompute.scoring import Contraction, TopK, naive_scores, score_pretraining
+
+
+class SeqNet(nn.Module):
+    """Embedding, a Linear over positions, a LayerNorm (no layer rule) and a Linear head."""
+
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.lin = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+        self.tied = tied
+
+    def forward(self, tokens):
+        h = self.norm(torch.tanh(self.lin(self.emb(tokens)))).mean(1)
+        logits = self.out(h)
+        if self.tied:  # the embedding's weight used outside its forward
+            logits = logits + F.linear(h, self.emb.weight)[:, :3]
+        return logits
+
+
+def loss_fn(model, batch):
+    tokens, labels = batch
+    return F.cross_entropy(model(tokens), labels, reduction="none")
+
+
+def setup(tied=False, q=4):
+    torch.manual_seed(0)
+    model = SeqNet(tied).double()
+    tokens = torch.randint(0, 20, (37, 5))
+    labels = torch.randint(0, 3, (37,))
+    data = TensorDataset(tokens, labels)
+    space = ParamSpace.of(model, [n for n, _ in model.named_parameters()])
+    s = torch.randn(q, space.size, dtype=torch.float64)
+    return model, data, space, s
+
+
+def streamed(model, data, space, s, k=5, batch_size=8):
+    columns = {}
+    result = score_pretraining(
+        model,
+        loss_fn,
+        data,
+        space,
+        s,
+        k,
+        batch_size,
+        sink=lambda start, scores: columns.__setitem__(start, scores.clone()),
+    )
+    return result, torch.cat([columns[i] for i in sorted(columns)], 1)
+
+
+def test_streaming_pass_equals_naive_loop():
+    model, data, space, s = setup()
+    result, fast = streamed(model, data, space, s)
+    slow = naive_scores(model, loss_fn, data, space, s)
+    assert result.path == "layers"
+    # Linear and Embedding by the layer rule, LayerNorm by per-example gradients
+    assert set(result.vmap_params) == {"norm.weight", "norm.bias"}
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-14)
+
+
+def test_weight_used_outside_its_layer_falls_back_to_per_example_gradients():
+    model, data, space, s = setup(tied=True)
+    with pytest.warns(UserWarning, match="disagree"):
+        result, fast = streamed(model, data, space, s)
+    assert result.path == "vmap"
+    torch.testing.assert_close(fast, naive_scores(model, loss_fn, data, space, s))
+
+
+def test_contraction_check_catches_a_wrong_layer_rule():
+    model, data, space, s = setup()
+    contraction = Contraction(model, loss_fn, space, s)
+    batch = data[:8]
+    assert contraction.check(batch)
+    contraction.s_by_param[id(model.lin.weight)] = contraction.s_by_param[id(model.lin.weight)] * 2
+    assert not contraction.check(batch)
+
+
+def test_top_k_is_the_k_largest_and_smallest_of_the_full_scores():
+    model, data, space, s = setup(q=6)
+    result, full = streamed(model, data, space, s, k=4)
+    torch.testing.assert_close(result.top.helpful_scores, full.topk(4, dim=1).values)
+    torch.testing.assert_close(result.top.harmful_scores, (-full).topk(4, dim=1).values.neg())
+    assert torch.equal(result.top.helpful_ids, full.topk(4, dim=1).indices)
+
+
+def test_top_k_merges_across_batches():
+    top = TopK(2)
+    top.update(torch.tensor([[1.0, 5.0]]), torch.tensor([[0, 1]]))
+    top.update(torch.tensor([[3.0, -2.0]]), torch.tensor([[2, 3]]))
+    assert top.helpful_ids.tolist() == [[1, 2]]
+    assert top.harmful_ids.tolist() == [[3, 0]]
+
+
+def test_pass_refuses_non_finite_scores():
+    model, data, space, s = setup()
+    s[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite influence scores"):
+        streamed(model, data, space, s)
