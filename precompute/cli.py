@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--out", required=True, type=Path, help="run directory to write")
     pre.add_argument("--scenarios", help="comma-separated: fixed,updated (default: the task's)")
-    pre.add_argument("--solver", default="auto", choices=["auto", "exact", "cg"])
+    pre.add_argument("--solver", default="auto", choices=["auto", "exact", "cg", "ekfac"])
     pre.add_argument(
         "--damping",
         default="auto",

@@ -15,7 +15,7 @@ import torch
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
 
-SOLVERS = ("auto", "exact", "cg")
+SOLVERS = ("auto", "exact", "cg", "ekfac")
 EXACT_MAX_PARAMS = 4096  # `auto` builds the explicit Hessian up to this many parameters
 AUTO_DAMPING = 1e-3  # `auto` damping, relative to the mean Hessian eigenvalue
 
@@ -132,13 +132,40 @@ def solve_cg(
     return x, info
 
 
-def solve(hvp: Hvp, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
-    """Dispatch on config.solver; `auto` is exact up to EXACT_MAX_PARAMS parameters, else cg."""
+def solve_ekfac(objective, rhs: torch.Tensor, damping: float | str) -> tuple[torch.Tensor, dict]:
+    """X = (EK-FAC of the data Hessian + diag(reg) + d I)^{-1} B (see precompute.ekfac).
+
+    Damping "auto" is 1e-3 * the mean eigenvalue of the approximation.
+    """
+    from precompute.ekfac import EKFAC
+
+    curvature = EKFAC(objective).fit()
+    mean = curvature.mean_eigenvalue()
+    d = AUTO_DAMPING * abs(mean) if damping == "auto" else float(damping)
+    info = {
+        "solver": "ekfac",
+        "params": rhs.shape[1],
+        "damping": d,
+        "damping_relative": d / mean if mean else None,
+        "mean_eigenvalue": mean,
+        "kronecker_blocks": [b.weight for b in curvature.blocks],
+        "diagonal_params": list(curvature.diagonal_space.names),
+    }
+    return curvature.solve(rhs, d), info
+
+
+def solve(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
+    """(H + d I)^{-1} rhs for the Hessian H of `objective` (an Objective), by config.solver.
+
+    `auto` is exact up to EXACT_MAX_PARAMS parameters, else cg.
+    """
     solver = config.solver
     if solver == "auto":
         solver = "exact" if rhs.shape[1] <= EXACT_MAX_PARAMS else "cg"
     if solver == "exact":
-        return solve_exact(hvp, rhs, config.damping)
+        return solve_exact(objective.hvp, rhs, config.damping)
     if solver == "cg":
-        return solve_cg(hvp, rhs, config.damping, config.cg_tol, config.cg_max_iter)
+        return solve_cg(objective.hvp, rhs, config.damping, config.cg_tol, config.cg_max_iter)
+    if solver == "ekfac":
+        return solve_ekfac(objective, rhs, config.damping)
     raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")

@@ -61,7 +61,7 @@ def scenario_vectors(
             torch.full((head.size,), lf, dtype=torch.float64),
             batch_size,
         )
-        y, info = solve(k.hvp, grad_t, config)
+        y, info = solve(k, grad_t, config)
         # M^T y = [d2F/d(W,T)2 @ (0, y)]_W; the regulariser has no (W, T) cross term
         mixed = Objective(
             model,
@@ -83,7 +83,7 @@ def scenario_vectors(
             ]
         )
         k = Objective(model, task.finetune_loss, train, joint, reg, batch_size)
-        r, info = solve(k.hvp, grads, config)
+        r, info = solve(k, grads, config)
         r_w, _ = joint.split(r, len(shared.names))
         return a * r_w, info
     raise ValueError(f"unknown scenario {scenario!r}")
@@ -102,4 +102,4 @@ def pretrain_vectors(
     reg = torch.full((space.size,), float(task.pretrain_l2), dtype=torch.float64)
     h_g = Objective(model, task.pretrain_loss, task.pretrain_data(), space, reg, batch_size)
     rhs = torch.cat([u, u.new_zeros(len(u), spaces.pretrain_only.size)], dim=1)
-    return solve(h_g.hvp, rhs, config)
+    return solve(h_g, rhs, config)

@@ -114,6 +114,7 @@ class Objective:
         batch_size: int = 512,
         rhs_chunk: int = 64,
     ):
+        self.model, self.loss_fn = model, loss_fn
         self.space = space
         self.dataset = dataset
         self.n = len(dataset)

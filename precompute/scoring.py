@@ -72,7 +72,34 @@ class _Recorder:
             h.remove()
 
 
-def _supported(module: nn.Module, ids: set[int]) -> bool:
+def layer_calls(
+    model: nn.Module, loss_fn: LossFn, batch: Any, modules: list[nn.Module]
+) -> tuple[int, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
+    """(batch size, [(module, input, d sum(loss)/d output)] for every call of the modules).
+
+    Examples are independent, so the output gradient of the summed loss holds each example's
+    own output gradient in its row.
+    """
+    recorder = _Recorder(modules)
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model, batch)
+    finally:
+        recorder.close()
+    calls = [c for c in recorder.calls if c[2].requires_grad]
+    if not calls:
+        return loss.shape[0], []
+    grads = torch.autograd.grad(loss.sum(), [c[2] for c in calls], allow_unused=True)
+    found = [
+        (module, inp.detach(), g.detach())
+        for (module, inp, _), g in zip(calls, grads, strict=True)
+        if g is not None
+    ]
+    return loss.shape[0], found
+
+
+def supported(module: nn.Module, ids: set[int]) -> bool:
+    """Is this a layer whose weight (a parameter in `ids`) has a layer rule here?"""
     if isinstance(module, nn.Linear):
         return id(module.weight) in ids
     if isinstance(module, nn.Embedding):
@@ -125,7 +152,7 @@ class Contraction:
         blocks = space.unflatten(s)  # name -> [Q, *shape]
         params = dict(model.named_parameters())
         by_id = {id(params[n]): n for n in space.names}
-        self.modules = [m for m in model.modules() if _supported(m, set(by_id))]
+        self.modules = [m for m in model.modules() if supported(m, set(by_id))]
         self.s_by_param: dict[int, torch.Tensor] = {}
         covered = set()
         for m in self.modules:
@@ -155,24 +182,15 @@ class Contraction:
         return out
 
     def _layers(self, batch: Any) -> torch.Tensor:
-        recorder = _Recorder(self.modules)
-        try:
-            with torch.enable_grad():
-                loss = self.loss_fn(self.model, batch)
-        finally:
-            recorder.close()
-        calls = [c for c in recorder.calls if c[2].requires_grad]
-        grads = torch.autograd.grad(loss.sum(), [c[2] for c in calls], allow_unused=True)
-        out = torch.zeros(self.q, loss.shape[0], dtype=self.s.dtype, device=self.s.device)
-        for (module, inp, _), g in zip(calls, grads, strict=True):
-            if g is None:
-                continue
+        size, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
+        out = torch.zeros(self.q, size, dtype=self.s.dtype, device=self.s.device)
+        for module, inp, g in calls:
             s_w = self.s_by_param.get(id(module.weight))
             if isinstance(module, nn.Embedding):
-                out += _embedding(module, inp, g.detach(), s_w, self.q)
+                out += _embedding(module, inp, g, s_w, self.q)
             else:
                 s_b = self.s_by_param.get(id(module.bias)) if module.bias is not None else None
-                out += _linear(inp.detach(), g.detach(), s_w, s_b, self.q)
+                out += _linear(inp, g, s_w, s_b, self.q)
         return out
 
     def plain(self, batch: Any) -> torch.Tensor:
@@ -187,7 +205,10 @@ class Contraction:
         few = tree_map(lambda x: x[:rows] if isinstance(x, torch.Tensor) else x, batch)
         fast, slow = self(few), self.plain(few)
         tol = 1e-3 if self.s.dtype == torch.float32 else 1e-8
-        return bool(((fast - slow).abs() <= tol * slow.abs().max() + 1e-30).all())
+        scale = slow.abs().nan_to_num(0.0).max() + 1e-30
+        return bool(
+            torch.isclose(fast, slow, rtol=0.0, atol=float(tol * scale), equal_nan=True).all()
+        )
 
 
 def score_pretraining(

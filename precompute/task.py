@@ -20,6 +20,7 @@ SCENARIOS = ("fixed", "updated")
 
 BUILTIN_TASKS = {
     "digits": "precompute.tasks.digits:DigitsTask",
+    "news": "precompute.tasks.news:NewsTask",
 }
 
 

@@ -1,0 +1,101 @@
+"""EK-FAC: its eigenvalues against per-example gradients, its solve against its dense matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from test_scoring import loss_fn, setup
+from tiny_task import TinyTask
+
+from precompute.ekfac import EKFAC
+from precompute.objective import Objective
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    model, data, space, _ = setup()
+    reg = torch.full((space.size,), 0.1, dtype=torch.float64)
+    objective = Objective(model, loss_fn, data, space, reg, batch_size=8)
+    return model, data, space, EKFAC(objective).fit()
+
+
+def per_example_block_gradients(model, data, names):
+    """G_i of one layer for every example, by one backward each: [n, out, in(+1)]."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(len(data)):
+        tokens, label = data[i]
+        loss = loss_fn(model, (tokens[None], label[None])).sum()
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        rows.append(torch.cat([grads[0], grads[1][:, None]], 1) if len(grads) == 2 else grads[0])
+    return torch.stack(rows)
+
+
+def test_blocks_cover_linear_and_embedding_layers(fitted):
+    _, _, _, curvature = fitted
+    assert [b.weight for b in curvature.blocks] == ["emb.weight", "lin.weight", "out.weight"]
+    assert curvature.diagonal_space.names == ("norm.weight", "norm.bias")
+
+
+@pytest.mark.parametrize("layer", ["emb", "lin", "out"])
+def test_corrected_eigenvalues_are_gradient_second_moments(fitted, layer):
+    model, data, _, curvature = fitted
+    block = next(b for b in curvature.blocks if b.weight == f"{layer}.weight")
+    names = [block.weight] + ([block.bias] if block.bias else [])
+    g = per_example_block_gradients(model, data, names)  # [n, out, in] (Embedding: [n, V, d])
+    if layer == "emb":
+        rotated = g @ block.q_s
+    else:
+        rotated = block.q_s.T @ g @ block.q_a
+    torch.testing.assert_close(block.eigenvalues, (rotated**2).mean(0), rtol=1e-9, atol=1e-14)
+
+
+def test_solve_inverts_the_dense_approximation(fitted):
+    model, _, space, curvature = fitted
+    damping = 0.05
+    dense = torch.zeros(space.size, space.size, dtype=torch.float64)
+    offsets = dict(zip(space.names, np.cumsum([0, *space.numels])[:-1].tolist(), strict=True))
+    for block in curvature.blocks:
+        if block.q_a is None:  # embedding: basis Q_S on each row of the [V, d] weight
+            basis = torch.kron(
+                torch.eye(block.eigenvalues.shape[0], dtype=torch.float64), block.q_s.contiguous()
+            )
+            index = list(range(offsets[block.weight], offsets[block.weight] + basis.shape[0]))
+        else:  # weight [out, in] row-major with the bias as an extra last column
+            basis = torch.kron(block.q_s.contiguous(), block.q_a.contiguous())
+            out, inp = block.q_s.shape[0], block.q_a.shape[0] - 1
+            w0, b0 = offsets[block.weight], offsets[block.bias]
+            index = [
+                w0 + o * inp + i if i < inp else b0 + o for o in range(out) for i in range(inp + 1)
+            ]
+        matrix = basis @ torch.diag(block.eigenvalues.reshape(-1)) @ basis.T
+        dense[np.ix_(index, index)] = matrix
+    for name, value in zip(
+        curvature.diagonal_space.names,
+        curvature.diagonal_space.unflatten(curvature.diagonal).values(),
+        strict=True,
+    ):
+        start = offsets[name]
+        idx = list(range(start, start + value.numel()))
+        dense[idx, idx] = value.reshape(-1)
+    dense += torch.diag(curvature.objective.reg + damping)
+    rhs = torch.randn(
+        3, space.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    expected = torch.linalg.solve(dense, rhs.T).T
+    torch.testing.assert_close(curvature.solve(rhs, damping), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(("scenario", "floor"), [("fixed", 0.8), ("updated", 0.3)])
+def test_ekfac_scores_rank_like_exact_on_the_tiny_task(scenario, floor):
+    """EK-FAC is an approximation: block-diagonal over layers, empirical Fisher for the data
+    Hessian. Measured Spearman against exact on this task: 0.85 (fixed), 0.36 (updated, where
+    the encoder-head cross curvature that EK-FAC drops matters most)."""
+    from test_ground_truth import engine_scores
+
+    task = TinyTask()
+    exact = engine_scores(task, scenario, "exact").reshape(-1).numpy()
+    ekfac = engine_scores(task, scenario, "ekfac").reshape(-1).numpy()
+    assert stats.spearmanr(exact, ekfac)[0] > floor
