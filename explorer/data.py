@@ -62,6 +62,12 @@ def _stamp(run_dir: Path) -> float:
         return 0.0
 
 
+def class_names(frame: pd.DataFrame, name: str = "label_name", number: str = "label") -> pd.Series:
+    """The class of each row as text: its name, else its number, else "unlabelled"."""
+    numbers = frame[number].astype("Int64").astype("string")
+    return frame[name].astype("string").fillna(numbers).fillna("unlabelled").astype(str)
+
+
 def looks_like_run(path: Path) -> bool:
     """A folder meant as one run (it holds a manifest or any of the run tables)."""
     return (path / "manifest.json").exists() or any(
@@ -178,8 +184,8 @@ def class_heatmap(run: Run, scenario: str) -> tuple[pd.DataFrame, str]:
 @st.cache_data(max_entries=16, show_spinner="Aggregating scores over all tests…")
 def _class_heatmap(run_key: str, stamp: float, scenario: str) -> tuple[pd.DataFrame, str]:
     run = load_run(Path(run_key))
-    test_label = run.test["label_name"].astype(str)
-    pretrain_label = run.pretrain["label_name"].astype(str)
+    test_label = class_names(run.test)
+    pretrain_label = class_names(run.pretrain)
     sums: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], int] = {}
     if run.has_scores:
@@ -221,7 +227,7 @@ def class_order(run: Run) -> list[str]:
     """Class names (label_name, else the label number) ordered by label number."""
     frames = [run.pretrain[["label", "label_name"]], run.test[["label", "label_name"]]]
     pairs = pd.concat(frames, ignore_index=True).drop_duplicates()
-    pairs["name"] = pairs["label_name"].fillna(pairs["label"].astype("string")).astype(str)
+    pairs["name"] = class_names(pairs)
     pairs = pairs.sort_values(["label", "name"], na_position="last")
     return list(dict.fromkeys(pairs["name"]))
 

@@ -35,8 +35,14 @@ def command(port: int) -> list[str]:
 
 
 def environment(target: Path) -> dict[str, str]:
-    """The environment of the app process: the run (or folder of runs) in MSIF_RUN."""
-    return {**os.environ, "MSIF_RUN": str(Path(target).expanduser().resolve())}
+    """The environment of the app process: the run (or folder of runs) in MSIF_RUN, and the
+    folder holding the `explorer` package on the path (streamlit only adds the script's own)."""
+    paths = [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")]
+    return {
+        **os.environ,
+        "MSIF_RUN": str(Path(target).expanduser().resolve()),
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+    }
 
 
 def start(target: Path, port: int | None = None, **popen_kwargs) -> tuple[subprocess.Popen, int]:
@@ -61,16 +67,22 @@ def serve(target: Path, port: int | None = None) -> int:
         warm_up(port)
         print(f"msif explorer on http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)
         return process.wait()
-    except RuntimeError as exc:  # streamlit exited before it served
+    except RuntimeError as exc:  # streamlit exited, or never answered
         print(f"msif explore: {exc}", file=sys.stderr)
-        return process.wait() or 1
+        return stop(process) or 1
     except KeyboardInterrupt:
+        return stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 10.0) -> int:
+    """Stop the explorer process (terminate, then kill) and return its exit code."""
+    if process.poll() is None:
         process.terminate()
         try:
-            return process.wait(timeout=10)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
-            return process.wait()
+    return process.wait()
 
 
 def wait_until_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -45,6 +45,8 @@ CSS = f"""
 .msif-facts-line .msif-head {{ gap: 10px; }}
 .msif-head {{ display: flex; justify-content: space-between; align-items: baseline; }}
 .msif-id {{ font-weight: 700; font-size: 14px; }}
+.msif-id a {{ color: inherit; text-decoration: none; }}
+.msif-id a:hover {{ text-decoration: underline; }}
 .msif-rank {{ color: #6b7280; font-size: 12px; }}
 .msif-label {{ color: #4b5563; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
 .msif-score {{ font-variant-numeric: tabular-nums; font-weight: 600; }}
@@ -120,11 +122,11 @@ def format_score(score: float) -> str:
     return f"{score:+.3g}"
 
 
-def example_cards(rows: pd.DataFrame, kind: str, total_abs: float | None) -> str:
+def example_cards(rows: pd.DataFrame, kind: str, total_abs: float | None, link=None) -> str:
     """A grid of cards, one per top-k example: input, `#<pretrain_id>`, label, score, share.
 
     Image examples get a square card each; text examples a full-width card whose facts sit
-    on one line above the text.
+    on one line above the text. `link(pretrain_id)`, when given, makes each id a link.
     """
     textual = rows["image_png"].isna().all() if "image_png" in rows else True
     cards = []
@@ -132,7 +134,7 @@ def example_cards(rows: pd.DataFrame, kind: str, total_abs: float | None) -> str
         share = abs(float(row["score"])) / total_abs if total_abs else 0.0
         head = (
             '<div class="msif-head">'
-            f'<span class="msif-id">#{int(row["pretrain_id"])}</span>'
+            f'<span class="msif-id">{_id_link(int(row["pretrain_id"]), link)}</span>'
             f'<span class="msif-rank">rank {int(row["rank"])}</span></div>'
         )
         label = f'<div class="msif-label">{html.escape(label_text(row))}</div>'
@@ -150,6 +152,12 @@ def example_cards(rows: pd.DataFrame, kind: str, total_abs: float | None) -> str
             )
     layout = "msif-list msif-textual" if textual else "msif-list"
     return f'<div class="msif-{kind}"><div class="{layout}">' + "".join(cards) + "</div></div>"
+
+
+def _id_link(pretrain_id: int, link) -> str:
+    if link is None:
+        return f"#{pretrain_id}"
+    return f'<a href="{html.escape(link(pretrain_id))}" title="open on the map">#{pretrain_id}</a>'
 
 
 def list_header(kind: str, subtitle: str) -> str:

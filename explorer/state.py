@@ -1,5 +1,6 @@
-"""The page state lives in the URL: `?test=ID&scenario=S&k=K&view=V` (plus `run=` for a folder
-of runs), so every view is a link that can be sent to someone.
+"""The page state lives in the URL: `?test=ID&scenario=S&k=K&view=V` (plus `example=ID` for an
+opened pretraining example and `run=` for a folder of runs), so every view is a link that can
+be sent to someone.
 
 Widgets never own the state: they write `st.query_params` in their callbacks, and each rerun
 reads the selection back from the URL.
@@ -7,7 +8,8 @@ reads the selection back from the URL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from urllib.parse import urlencode
 
 import streamlit as st
 
@@ -35,6 +37,20 @@ class Selection:
     test_id: int
     k: int
     view: str
+    example: int | None = None  # a pretraining example opened in detail
+
+    def link(self, **changes) -> str:
+        """The relative URL (`?test=...`) of this selection with `changes` applied."""
+        values = {**asdict(self), **changes}
+        params = {
+            "test": values["test_id"],
+            "scenario": values["scenario"],
+            "k": values["k"],
+            "view": values["view"],
+        }
+        if values["example"] is not None:
+            params["example"] = values["example"]
+        return "?" + urlencode(params)
 
 
 def _int(value: str | None) -> int | None:
@@ -60,9 +76,10 @@ def read_selection(run: Run) -> tuple[Selection, list[str]]:
     test_ids = run.test.index
     test_id = _int(params.get("test"))
     if test_id is None or test_id not in test_ids:
+        fallback = default_test(run, scenario)
         if params.get("test") is not None:
-            notes.append(f"Test {params.get('test')} is not in this run; showing another test.")
-        test_id = default_test(run, scenario)
+            notes.append(f"Test {params.get('test')} is not in this run; showing test {fallback}.")
+        test_id = fallback
 
     top_k = max(1, run.top_k)
     k = _int(params.get("k"))
@@ -78,7 +95,12 @@ def read_selection(run: Run) -> tuple[Selection, list[str]]:
         notes.append(f"There is no view {view!r}; showing the main view.")
         view = DEFAULT_VIEW
 
-    selection = Selection(scenario=scenario, test_id=int(test_id), k=k, view=view)
+    example = _int(params.get("example"))
+    if params.get("example") is not None and (example is None or example not in run.pretrain.index):
+        notes.append(f"There is no pretraining example {params.get('example')} in this run.")
+        example = None
+
+    selection = Selection(scenario=scenario, test_id=int(test_id), k=k, view=view, example=example)
     write_selection(selection)
     return selection, notes
 
@@ -86,7 +108,7 @@ def read_selection(run: Run) -> tuple[Selection, list[str]]:
 def default_test(run: Run, scenario: str) -> int:
     """The first wrong prediction (the interesting case), else the first test."""
     preds = run.predictions[run.predictions["scenario"] == scenario]
-    wrong = preds[~preds["correct"].astype(bool)]
+    wrong = preds[~preds["correct"].astype(bool) & preds["test_id"].isin(run.test.index)]
     if len(wrong):
         return int(wrong["test_id"].iloc[0])
     return int(run.test.index[0])
@@ -103,6 +125,11 @@ def write_selection(selection: Selection) -> None:
     for key, value in wanted.items():
         if st.query_params.get(key) != value:
             st.query_params[key] = value
+    if selection.example is None:
+        if "example" in st.query_params:
+            del st.query_params["example"]
+    elif st.query_params.get("example") != str(selection.example):
+        st.query_params["example"] = str(selection.example)
 
 
 def select_test(test_id: int) -> None:
@@ -111,7 +138,9 @@ def select_test(test_id: int) -> None:
 
 
 def set_param(name: str, widget_key: str) -> None:
-    """Callback: copy a widget's value into the URL parameter `name`."""
+    """Callback: copy a widget's value into the URL parameter `name` (None removes it)."""
     value = st.session_state.get(widget_key)
     if value is not None:
-        st.query_params[name] = str(value)
+        st.query_params[name] = str(int(value) if isinstance(value, float) else value)
+    elif name in st.query_params:
+        del st.query_params[name]

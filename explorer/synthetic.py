@@ -55,16 +55,32 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _digit_image(label: int, size: int, rng: np.random.Generator) -> bytes:
-    """A noisy, slightly shifted digit glyph, white on black like the sklearn digits."""
+def _draw_digit(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A digit glyph drawn at 32x32 with a random shift, slant and stroke, blurred and scaled
+    down to `size` x `size`: white on black with soft edges, like the sklearn digits."""
     glyph = np.array([[c == "#" for c in row] for row in _GLYPHS[label]], dtype=float)
-    canvas = np.zeros((8, 8))
-    dy, dx = rng.integers(0, 2), rng.integers(0, 4)
-    canvas[dy : dy + 7, dx : dx + 5] = glyph
-    canvas = canvas * rng.uniform(0.7, 1.0) + rng.uniform(0, 0.12, size=(8, 8))
-    if size != 8:
-        canvas = np.kron(canvas, np.ones((size // 8 + 1, size // 8 + 1)))[:size, :size]
-    return _png(np.clip(canvas * 255, 0, 255))
+    canvas = np.zeros((32, 32))
+    dy, dx = rng.integers(0, 5), rng.integers(3, 10)
+    canvas[dy : dy + 28, dx : dx + 20] = np.kron(glyph, np.ones((4, 4)))
+    shear = rng.uniform(-0.25, 0.25)
+    for row in range(32):  # slant, as handwriting does
+        canvas[row] = np.roll(canvas[row], int(round(shear * (16 - row))))
+    for axis in (0, 1):  # a soft pen: blur with a [1, 2, 1] kernel, twice
+        for _ in range(2):
+            canvas = (np.roll(canvas, 1, axis) + 2 * canvas + np.roll(canvas, -1, axis)) / 4
+    pixels = np.clip(canvas * 255 * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BOX), dtype=float)
+
+
+def _digit_images(labels: np.ndarray, size: int, rng: np.random.Generator) -> list[bytes]:
+    """PNGs of the digits `labels`: each a random one of 48 drawn variants, plus pixel noise."""
+    bank = [[_draw_digit(d, size, rng) for _ in range(48)] for d in range(10)]
+    pngs = []
+    for label in labels:
+        pixels = bank[int(label)][int(rng.integers(0, 48))]
+        pixels = pixels * 1.3 + rng.normal(scale=5, size=pixels.shape)
+        pngs.append(_png(np.clip(pixels, 0, 255)))
+    return pngs
 
 
 def _text_row(label: int, index: int, rng: np.random.Generator) -> str:
@@ -87,7 +103,7 @@ def _examples(
             "label": labels.astype(np.int64),
             "label_name": [names[c] for c in labels],
             "text": None if images else [_text_row(int(c), i, rng) for i, c in enumerate(labels)],
-            "image_png": [_digit_image(int(c), size, rng) for c in labels] if images else None,
+            "image_png": _digit_images(labels, size, rng) if images else None,
             "umap_x": xy[:, 0].astype(np.float32),
             "umap_y": xy[:, 1].astype(np.float32),
         }

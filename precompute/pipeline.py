@@ -200,8 +200,12 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
             pretrain_data = data["pretrain_data"]
             train_data, test_data = data["finetune_train_data"], data["finetune_test_data"]
             m, q = len(pretrain_data), len(test_data)
-            pretrained = call(task, "pretrained_model").to(device).eval()
-            finetuned = {s: call(task, "finetuned_model", s).to(device).eval() for s in scenarios}
+            # every model is fetched before any is moved: a task may build its finetuned models
+            # from its own pretrained one, on its own device
+            pretrained = call(task, "pretrained_model")
+            finetuned = {s: call(task, "finetuned_model", s) for s in scenarios}
+            pretrained = pretrained.to(device).eval()
+            finetuned = {s: model.to(device).eval() for s, model in finetuned.items()}
             shared = check_models(task, pretrained, finetuned)
             first = next(batches(pretrain_data, 2, device))
             check_outputs(task, "pretrain_loss", pretrained, first, _size(first), "pretrain_data")

@@ -13,7 +13,9 @@ from precompute.pipeline import PrecomputeConfig, precompute
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = PrecomputeConfig(solver="exact", damping=0.0, top_k=5, full_scores="on", maps=False)
+    config = PrecomputeConfig(
+        solver="exact", damping=0.0, top_k=5, full_scores="on", maps=False, device="cpu"
+    )
     return precompute(TinyTask(), out, config, log=lambda message: None)
 
 

@@ -3,6 +3,8 @@ and across all tests a heatmap of test class x pretraining class (mean score).""
 
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -11,6 +13,11 @@ from explorer import data
 from explorer.data import Run
 from explorer.render import DIVERGING, HARMFUL, HELPFUL
 from explorer.state import Selection
+
+
+def _escaped(names) -> list[str]:
+    """Class names for plotly, which would otherwise render tags found in the data."""
+    return [html.escape(str(name)) for name in names]
 
 
 def class_mass(run: Run, selection: Selection) -> tuple[pd.DataFrame, str]:
@@ -27,7 +34,7 @@ def class_mass(run: Run, selection: Selection) -> tuple[pd.DataFrame, str]:
         source = "the top-k lists only (no scores.parquet)"
     else:
         source = "all pretraining examples"
-    labels = run.pretrain["label_name"].fillna(run.pretrain["label"].astype("string")).astype(str)
+    labels = data.class_names(run.pretrain)
     frame = pd.DataFrame({"score": scores.astype(float), "class": labels.reindex(scores.index)})
     mass = pd.DataFrame(
         {
@@ -46,8 +53,8 @@ def render(run: Run, selection: Selection) -> None:
     st.caption(f"Sum of positive (helpful) and negative (harmful) scores per class, from {source}.")
     bars = go.Figure(
         [
-            go.Bar(x=mass.index, y=mass["helpful"], name="helpful", marker_color=HELPFUL),
-            go.Bar(x=mass.index, y=mass["harmful"], name="harmful", marker_color=HARMFUL),
+            go.Bar(x=_escaped(mass.index), y=mass["helpful"], name="helpful", marker_color=HELPFUL),
+            go.Bar(x=_escaped(mass.index), y=mass["harmful"], name="harmful", marker_color=HARMFUL),
         ]
     )
     bars.update_layout(
@@ -72,8 +79,8 @@ def render(run: Run, selection: Selection) -> None:
     fig = go.Figure(
         go.Heatmap(
             z=heat.to_numpy(),
-            x=list(heat.columns),
-            y=list(heat.index),
+            x=_escaped(heat.columns),
+            y=_escaped(heat.index),
             colorscale=DIVERGING,
             zmid=0.0,
             zmin=-limit,

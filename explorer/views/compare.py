@@ -70,7 +70,8 @@ def render(run: Run, selection: Selection) -> None:
     if flips.empty:
         st.caption("None: every listed example keeps its sign in both scenarios.")
     else:
-        table = flips.join(run.pretrain[["label_name"]]).reset_index(names="pretrain_id")
+        table = flips.join(data.class_names(run.pretrain).rename("class"))
+        table = table.reset_index(names="pretrain_id")
         table["pretrain_id"] = "#" + table["pretrain_id"].astype(str)
         st.dataframe(table, hide_index=True)
 

@@ -24,11 +24,16 @@ from explorer.render import (
 )
 from explorer.state import Selection
 
-DETAIL_KEY = "map_detail"
-
 
 def _labels(frame) -> np.ndarray:
-    return frame["label_name"].fillna(frame["label"].astype("string")).astype(str).to_numpy()
+    """Class names escaped for plotly's hover labels (which would render tags in the data)."""
+    return np.array([html.escape(name) for name in data.class_names(frame)], dtype=object)
+
+
+def _snippets(frame) -> np.ndarray:
+    """The first words of each example's text (escaped), for the hover label; "" for images."""
+    texts = frame["text"].astype("string").fillna("").str.slice(0, 60)
+    return np.array([f"<br>{html.escape(t)}" if t else "" for t in texts], dtype=object)
 
 
 def figure(run: Run, selection: Selection) -> go.Figure:
@@ -37,7 +42,7 @@ def figure(run: Run, selection: Selection) -> go.Figure:
     scores = data.test_scores(run, selection.scenario, selection.test_id)
     fig = go.Figure()
     if scores is not None:
-        values = scores.reindex(pretrain.index).to_numpy(dtype=float)
+        values = scores.reindex(pretrain.index).to_numpy(dtype=np.float32)
         limit = float(np.nanquantile(np.abs(values), 0.99)) or 1.0
         marker = dict(
             size=4,
@@ -76,9 +81,15 @@ def figure(run: Run, selection: Selection) -> go.Figure:
                 line=dict(width=0.5, color=TEST_MARK),
             ),
             customdata=np.stack(
-                [np.full(len(test), "test"), test.index.astype(str), _labels(test)], axis=1
+                [
+                    np.full(len(test), "test"),
+                    test.index.astype(str),
+                    _labels(test),
+                    _snippets(test),
+                ],
+                axis=1,
             ),
-            hovertemplate="Test %{customdata[1]}<br>%{customdata[2]}<extra></extra>",
+            hovertemplate="Test %{customdata[1]} · %{customdata[2]}%{customdata[3]}<extra></extra>",
         )
     )
     for kind, colour in (("helpful", HELPFUL), ("harmful", HARMFUL)):
@@ -96,13 +107,26 @@ def figure(run: Run, selection: Selection) -> go.Figure:
                         top["pretrain_id"].astype(str),
                         _labels(top),
                         [format_score(s) for s in top["score"]],
+                        _snippets(top),
                     ],
                     axis=1,
                 )
                 if len(top)
                 else None,
                 hovertemplate="#%{customdata[1]} · %{customdata[2]}<br>score %{customdata[3]}"
-                "<extra></extra>",
+                "%{customdata[4]}<extra></extra>",
+            )
+        )
+    if selection.example is not None:
+        opened = pretrain.loc[selection.example]
+        fig.add_trace(
+            go.Scattergl(
+                x=[opened["umap_x"]],
+                y=[opened["umap_y"]],
+                mode="markers",
+                name=f"#{selection.example}",
+                marker=dict(size=22, symbol="circle-open", color="#111827", line=dict(width=3)),
+                hoverinfo="skip",
             )
         )
     row = test.loc[selection.test_id]
@@ -119,6 +143,8 @@ def figure(run: Run, selection: Selection) -> go.Figure:
         )
     )
     fig.update_layout(
+        template="plotly_white",
+        font=dict(family="Source Sans Pro, sans-serif", size=13, color="#262730"),
         height=600,
         margin=dict(l=10, r=10, t=10, b=10),
         plot_bgcolor="white",
@@ -137,9 +163,8 @@ def _on_click(key: str) -> None:
     kind, identifier = points[0]["customdata"][:2]
     if kind == "test":
         state.select_test(int(identifier))
-        st.session_state.pop(DETAIL_KEY, None)
     else:
-        st.session_state[DETAIL_KEY] = int(identifier)
+        st.query_params["example"] = str(int(identifier))
 
 
 def detail(run: Run, selection: Selection, pretrain_id: int) -> None:
@@ -193,19 +218,21 @@ def render(run: Run, selection: Selection) -> None:
         on_select=lambda: _on_click(key),
         selection_mode="points",
         config={"displaylogo": False},
+        theme=None,  # streamlit's theme re-styles all 40k points in the browser: 2-3x slower
     )
     ids = run.pretrain.index
-    chosen = st.session_state.get(DETAIL_KEY)
-    picked = st.number_input(
+    left, right = st.columns([1, 2.4], gap="large")
+    st.session_state["example_pick"] = selection.example
+    left.number_input(
         "Open pretraining example #",
         min_value=int(ids.min()),
         max_value=int(ids.max()),
-        value=int(chosen) if chosen in ids else None,
         step=1,
-        placeholder="type an id",
+        key="example_pick",
+        placeholder="type an id, or click a highlighted example",
+        on_change=state.set_param,
+        args=("example", "example_pick"),
     )
-    if picked is not None:
-        if int(picked) in ids:
-            detail(run, selection, int(picked))
-        else:
-            st.warning(f"There is no pretraining example #{int(picked)} in this run.")
+    if selection.example is not None:
+        with right:
+            detail(run, selection, selection.example)

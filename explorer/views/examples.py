@@ -4,6 +4,7 @@ side by side, each with its input, `#<pretrain_id>`, label, score and share of t
 from __future__ import annotations
 
 import html
+from functools import partial
 
 import pandas as pd
 import streamlit as st
@@ -39,6 +40,11 @@ def total_influence(run: Run, selection: Selection) -> tuple[float | None, str]:
     return float(top["score"].abs().sum()), "of the |score| in the top-k lists (no scores.parquet)"
 
 
+def _map_link(selection: Selection, pretrain_id: int) -> str:
+    """Each `#id` opens that example on the embedding map, for the same test."""
+    return selection.link(view="map", example=pretrain_id)
+
+
 def summary(lists: dict[str, pd.DataFrame], scores: pd.Series | None) -> str:
     """One sentence a stakeholder can read: which classes dominate each list, and how
     concentrated the influence is."""
@@ -46,7 +52,7 @@ def summary(lists: dict[str, pd.DataFrame], scores: pd.Series | None) -> str:
     for kind, rows in lists.items():
         if rows.empty:
             continue
-        names = rows["label_name"].fillna(rows["label"].astype("string")).astype(str)
+        names = data.class_names(rows)
         top_name, count = names.value_counts().index[0], int(names.value_counts().iloc[0])
         parts.append(
             f'the top-{len(rows)} <span class="msif-{kind}-word">{kind}</span> are mostly '
@@ -80,7 +86,7 @@ def render(run: Run, selection: Selection) -> None:
             if rows.empty:
                 st.info(f"No {kind} examples are stored for this test.")
             else:
-                st.html(example_cards(rows, kind, total))
+                st.html(example_cards(rows, kind, total, link=partial(_map_link, selection)))
     st.caption(f"Share = |score| {denominator}.")
     export = pd.concat(lists.values())
     export = export[[c for c in EXPORT_COLUMNS if c in export.columns]]

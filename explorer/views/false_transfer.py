@@ -27,7 +27,7 @@ def offenders(run: Run, scenario: str, limit: int = 50) -> pd.DataFrame:
         {
             "pretrain_id": "#" + counts["pretrain_id"].astype(str),
             "input": inputs,
-            "label": rows["label_name"].astype(str).to_numpy(),
+            "label": data.class_names(rows).to_numpy(),
             "harmful to tests": counts["harmful_to_tests"].to_numpy(),
             "of them wrong": counts["harmful_to_wrong"].to_numpy(),
             "summed score over wrong": counts["summed_score_wrong"].to_numpy(),
@@ -90,6 +90,10 @@ def render(run: Run, selection: Selection) -> None:
 
     validation = run.validation
     if validation is None or validation.empty:
+        st.caption(
+            "This run has no validation.parquet, so there is no predicted vs actual "
+            "retraining check to show."
+        )
         return
     st.subheader("Predicted vs actual retraining effect (validation.parquet)")
     fig = go.Figure()

@@ -35,7 +35,7 @@ def picker_table(run: Run, scenario: str) -> pd.DataFrame:
     table = pd.DataFrame(
         {
             "test_id": test.index.astype(int),
-            "label": test["label_name"].fillna(test["label"].astype("string")).astype(str),
+            "label": data.class_names(test),
         },
         index=test.index.rename(None),
     )
@@ -44,7 +44,7 @@ def picker_table(run: Run, scenario: str) -> pd.DataFrame:
     else:
         snippet = test["text"].fillna("").astype(str).str.slice(0, 80)
         table.insert(1, "input", snippet)
-    table["prediction"] = preds["pred_name"].reindex(test.index).astype(str)
+    table["prediction"] = data.class_names(preds, "pred_name", "pred").reindex(test.index)
     table["confidence"] = preds["confidence"].reindex(test.index).astype(float)
     table["loss"] = preds["loss"].reindex(test.index).astype(float)
     table["correct"] = preds["correct"].reindex(test.index).astype("boolean")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from explorer.launch import APP, start, wait_until_healthy, warm_up
+from explorer.launch import APP, start, stop, wait_until_healthy, warm_up
 from explorer.synthetic import write_synthetic_run
 
 CHROMIUM = os.environ.get("MSIF_CHROMIUM", "/usr/bin/chromium")
@@ -76,10 +76,10 @@ def app(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def e2e_run(tmp_path_factory) -> Path:
-    """THE run directory of the end-to-end tests. Assertions read what they expect from its
-    parquet files, so this can become a real `msif precompute --task digits` run unchanged."""
-    return write_synthetic_run(tmp_path_factory.mktemp("e2e") / "digits", 3000, 60, seed=3)
+def e2e_run(digits_run) -> Path:
+    """THE run directory of the end-to-end tests: the real `msif precompute --task digits` run
+    (tests/conftest.py). Assertions read what they expect from its parquet files."""
+    return digits_run
 
 
 @pytest.fixture(scope="session")
@@ -92,16 +92,14 @@ def explorer_url(e2e_run, tmp_path_factory):
         warm_up(port)  # as `msif explore` does before it announces the URL
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
         log.close()
 
 
 @pytest.fixture(scope="session")
 def browser():
+    if os.environ.get("CI") and not Path(CHROMIUM).exists():  # CI must run them, never skip
+        pytest.fail(f"no Chromium at {CHROMIUM}: scripts/test installs it (apt-get)")
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")

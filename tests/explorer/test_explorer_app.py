@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from explorer.state import VIEWS
-from precompute.rundir import read_table
+from precompute.rundir import read_table, to_table
 
 
 def param(at, name: str) -> str | None:
@@ -25,7 +26,7 @@ def list_ids(at, kind: str) -> list[int]:
     """The `#<pretrain_id>`s shown in the helpful or harmful list, in page order."""
     for body in (element.value for element in at.html):
         if body.startswith(f'<div class="msif-{kind}"><div class="msif-list'):
-            return [int(i) for i in re.findall(r'class="msif-id">#(\d+)<', body)]
+            return [int(i) for i in re.findall(r'class="msif-id">(?:<a [^>]*>)?#(\d+)<', body)]
     return []
 
 
@@ -54,6 +55,14 @@ def test_k_limits_the_lists(app, image_run):
     assert_clean(at)
     assert list_ids(at, "helpful") == expected(image_run, "fixed", 3, "helpful")[:3]
     assert len(list_ids(at, "harmful")) == 3
+
+
+def test_k_slider_writes_the_url(app, image_run):
+    at = app(image_run, test=3)
+    at.slider(key="k_pick").set_value(4).run()
+    assert_clean(at)
+    assert param(at, "k") == "4"
+    assert list_ids(at, "harmful") == expected(image_run, "fixed", 3, "harmful")[:4]
 
 
 def test_selecting_a_test_updates_url_and_lists(app, image_run):
@@ -229,3 +238,36 @@ def test_false_transfer_shows_validation_correlation(app, image_run):
     assert "Pearson r" in labels and "estimated mean loss change, all tests" in labels
     pearson = next(m for m in at.metric if m.label == "Pearson r")
     assert 0.5 < float(pearson.value) <= 1.0
+
+
+def test_unnamed_classes_and_missing_inputs_still_render(app, broken_run):
+    run = broken_run(lambda m: None)
+    for name in ("pretrain", "test"):
+        frame = read_table(run, name)
+        frame["label_name"] = None
+        frame["image_png"] = None
+        (run / f"{name}.parquet").unlink()
+        pq.write_table(to_table(name, frame), run / f"{name}.parquet")
+    for view in ("examples", "tests", "classes", "false_transfer", "map"):
+        at = app(run, test=2, view=view)
+        assert_clean(at)
+        assert not at.error, view
+    at = app(run, test=2)
+    assert "(no image or text)" in html_of(at)
+
+
+def test_example_ids_link_to_their_detail_on_the_map(app, image_run):
+    at = app(image_run, test=6, scenario="updated", k=5)
+    helpful = expected(image_run, "updated", 6, "helpful")[0]
+    link = f'href="?test=6&amp;scenario=updated&amp;k=5&amp;view=map&amp;example={helpful}"'
+    assert link in html_of(at)
+
+    at = app(image_run, test=6, scenario="updated", k=5, view="map", example=helpful)
+    assert_clean(at)
+    assert f"<h2>#{helpful}</h2>" in html_of(at) and "rank 1 helpful" in html_of(at)
+    at.number_input(key="example_pick").set_value(42).run()
+    assert param(at, "example") == "42" and "<h2>#42</h2>" in html_of(at)
+    at = app(image_run, test=6, view="map", example="nope")
+    assert_clean(at)
+    assert "There is no pretraining example nope" in " ".join(w.value for w in at.warning)
+    assert param(at, "example") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import urllib.request
 
@@ -103,5 +104,14 @@ def test_start_serves_the_app(image_run):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
             assert response.status == 200 and b"<html" in response.read().lower()
     finally:
-        process.terminate()
-        process.wait(timeout=15)
+        launch.stop(process)
+
+
+@pytest.mark.slow
+def test_serve_reports_a_port_in_use(image_run, capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code = launch.serve(image_run, busy.getsockname()[1])
+    assert code != 0
+    assert "msif explore:" in capsys.readouterr().err

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from precompute.rundir import read_table
@@ -71,10 +73,7 @@ def test_selecting_another_test_updates_url_and_lists(page, explorer_url, e2e_ru
     page.keyboard.type(f"Test {second} ·")
     page.get_by_role("option", name=re.compile(f"^Test {second} ·")).first.click()
 
-    page.wait_for_function(
-        f"() => new URLSearchParams(location.search).get('test') === '{second}'",
-        timeout=TIMEOUT_MS,
-    )
+    wait_for_param(page, "test", second)
     expect_lists(page, e2e_run, scenario, second)
     # the old test's rank-1 helpful example is gone unless it helps the new test too
     old_helpful, _ = rank1(e2e_run, scenario, first)
@@ -89,15 +88,18 @@ def test_selecting_another_test_updates_url_and_lists(page, explorer_url, e2e_ru
 
 
 def test_every_view_opens_without_exception_boxes(page, explorer_url, e2e_run):
-    scenario, test_id, _ = two_tests(e2e_run)
     from explorer.state import VIEWS
 
-    for view in VIEWS:
-        page.goto(f"{explorer_url}/?test={test_id}&scenario={scenario}&view={view}")
-        page.get_by_role("heading", name=f"Test {test_id}", exact=True).wait_for(timeout=TIMEOUT_MS)
-        page.wait_for_timeout(1000)  # let the view below the header finish drawing
+    scenario, test_id, _ = two_tests(e2e_run)
+    page.goto(f"{explorer_url}/?test={test_id}&scenario={scenario}")
+    page.get_by_role("heading", name=f"Test {test_id}", exact=True).wait_for(timeout=TIMEOUT_MS)
+    for view, title in VIEWS.items():
+        page.locator("[data-testid=stButtonGroup]").get_by_text(title, exact=True).click()
+        wait_for_param(page, "view", view)
+        page.wait_for_timeout(1000)  # let the view finish drawing
         assert page.locator(EXCEPTIONS).count() == 0, view
         assert page.locator('[data-testid="stAlertContentError"]').count() == 0, view
+        assert f"test={test_id}" in page.url, view
     # the map draws with WebGL: its plotly container is on the page
     page.goto(f"{explorer_url}/?test={test_id}&scenario={scenario}&view=map")
     page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT_MS)
@@ -133,25 +135,73 @@ def click_on_map(page, x: float, y: float) -> None:
     page.mouse.click(left, top)
 
 
-def test_map_picks_a_test_and_opens_a_pretraining_example(page, explorer_url, e2e_run):
-    scenario, first, second = two_tests(e2e_run)
-    page.goto(f"{explorer_url}/?test={first}&scenario={scenario}&view=map")
+def wait_for_param(page, name: str, value) -> None:
+    page.wait_for_function(
+        f"() => new URLSearchParams(location.search).get('{name}') === '{value}'",
+        timeout=TIMEOUT_MS,
+    )
+
+
+def isolated(candidates: pd.DataFrame, marks: pd.DataFrame):
+    """The index of the candidate farthest from every other mark, so a click hits it."""
+    xy = marks[["umap_x", "umap_y"]].to_numpy(dtype=float)
+    best, best_gap = None, -1.0
+    for index, row in candidates.iterrows():
+        gaps = np.hypot(xy[:, 0] - row["umap_x"], xy[:, 1] - row["umap_y"])
+        gaps = gaps[gaps > 1e-9]  # not itself
+        gap = gaps.min() if gaps.size else np.inf
+        if gap > best_gap:
+            best, best_gap = index, gap
+    return best
+
+
+def test_map_opens_examples_and_picks_a_test(page, explorer_url, e2e_run):
+    scenario, first, _ = two_tests(e2e_run)
+    helpful, _ = rank1(e2e_run, scenario, first)
+    page.goto(f"{explorer_url}/?test={first}&scenario={scenario}")
+    expect_lists(page, e2e_run, scenario, first)
+
+    # an id in the helpful list opens that example on the map
+    page.locator(".msif-helpful .msif-id a", has_text=re.compile(f"^#{helpful}$")).first.click()
+    wait_for_param(page, "example", helpful)
+    assert "view=map" in page.url
+    page.get_by_role("heading", name=f"#{helpful}", exact=True).wait_for(timeout=TIMEOUT_MS)
     page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT_MS)
     page.wait_for_timeout(1000)
 
-    helpful, _ = rank1(e2e_run, scenario, first)
+    # clicking a highlighted example on the map opens it (one that no other marker covers)
     pretrain = read_table(e2e_run, "pretrain").set_index("pretrain_id")
-    click_on_map(
-        page, float(pretrain.loc[helpful, "umap_x"]), float(pretrain.loc[helpful, "umap_y"])
-    )
-    page.get_by_role("heading", name=f"#{helpful}", exact=True).wait_for(timeout=TIMEOUT_MS)
-
     test = read_table(e2e_run, "test").set_index("test_id")
+    top = read_table(e2e_run, "top")
+    shown = top[(top["scenario"] == scenario) & (top["test_id"] == first) & (top["rank"] <= 10)]
+    highlighted = pretrain.loc[shown["pretrain_id"], ["umap_x", "umap_y"]]
+    marks = pd.concat([highlighted, test.loc[[first], ["umap_x", "umap_y"]]])
+    example = int(isolated(highlighted.drop(index=helpful, errors="ignore"), marks))
+    click_on_map(page, *pretrain.loc[example, ["umap_x", "umap_y"]].astype(float))
+    wait_for_param(page, "example", example)
+    page.get_by_role("heading", name=f"#{example}", exact=True).wait_for(timeout=TIMEOUT_MS)
+
+    # clicking a test example on the map selects it
+    marks = pd.concat([marks, test[["umap_x", "umap_y"]]])
+    other = int(isolated(test.drop(index=first), marks))
     page.wait_for_timeout(500)
-    click_on_map(page, float(test.loc[second, "umap_x"]), float(test.loc[second, "umap_y"]))
-    page.wait_for_function(
-        f"() => new URLSearchParams(location.search).get('test') === '{second}'",
-        timeout=TIMEOUT_MS,
-    )
-    page.get_by_role("heading", name=f"Test {second}", exact=True).wait_for(timeout=TIMEOUT_MS)
+    click_on_map(page, *test.loc[other, ["umap_x", "umap_y"]].astype(float))
+    wait_for_param(page, "test", other)
+    page.get_by_role("heading", name=f"Test {other}", exact=True).wait_for(timeout=TIMEOUT_MS)
+    assert page.locator(EXCEPTIONS).count() == 0
+
+
+def test_picker_table_row_selects_a_test(page, explorer_url, e2e_run):
+    scenario, first, _ = two_tests(e2e_run)
+    test_ids = sorted(read_table(e2e_run, "test")["test_id"].astype(int))
+    row = next(i for i in range(1, 6) if test_ids[i] != first)  # a row near the top
+    page.goto(f"{explorer_url}/?test={first}&scenario={scenario}&view=tests")
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    grid.wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_timeout(1000)
+    box = grid.bounding_box()
+    header, height = 35, 44  # the picker's header and thumbnail row heights, in pixels
+    page.mouse.click(box["x"] + 15, box["y"] + header + height * row + height / 2)
+    wait_for_param(page, "test", test_ids[row])
+    page.get_by_role("heading", name=f"Test {test_ids[row]}", exact=True).wait_for()
     assert page.locator(EXCEPTIONS).count() == 0
