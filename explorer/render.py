@@ -11,9 +11,11 @@ import base64
 import html
 import io
 import math
+import re
 
 import pandas as pd
 from PIL import Image
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 # One colour per meaning, used by every view (cards, bars, map, charts).
 HELPFUL = "#1a9850"
@@ -41,6 +43,7 @@ CSS = f"""
 .msif-text {{ white-space: pre-wrap; word-break: break-word; background: #f6f7f9;
   border-radius: 6px; padding: 6px 8px; margin-bottom: 6px; font-size: 13px;
   font-family: "Source Code Pro", monospace; max-height: 7.5em; overflow: auto; }}
+.msif-shared {{ background: #fde68a; color: inherit; padding: 0 1px; border-radius: 2px; }}
 .msif-facts-line {{ display: flex; gap: 14px; align-items: baseline; margin-bottom: 6px; }}
 .msif-facts-line .msif-head {{ gap: 10px; }}
 .msif-head {{ display: flex; justify-content: space-between; align-items: baseline; }}
@@ -100,14 +103,41 @@ def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def example_body(row: pd.Series | dict, css_class: str = "msif-thumb") -> str:
-    """The input itself: the image, else the text shown literally, else a placeholder."""
+WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+
+
+def content_words(text) -> frozenset[str]:
+    """The lowercased words of a text, without English stop words (scikit-learn's list)."""
+    if not _present(text):
+        return frozenset()
+    return frozenset(w.lower() for w in WORD.findall(str(text))) - ENGLISH_STOP_WORDS
+
+
+def highlighted(text: str, words: frozenset[str]) -> str:
+    """The text, HTML-escaped, with each word found in `words` wrapped in <mark>."""
+    out, last = [], 0
+    for match in WORD.finditer(text):
+        word = match.group(0)
+        out.append(html.escape(text[last : match.start()]))
+        escaped = html.escape(word)
+        marked = word.lower() in words
+        out.append(f'<mark class="msif-shared">{escaped}</mark>' if marked else escaped)
+        last = match.end()
+    out.append(html.escape(text[last:]))
+    return "".join(out)
+
+
+def example_body(
+    row: pd.Series | dict, css_class: str = "msif-thumb", shared: frozenset[str] = frozenset()
+) -> str:
+    """The input itself: the image, else the text shown literally (words in `shared` marked),
+    else a placeholder."""
     uri = png_data_uri(row.get("image_png"))
     if uri:
         return f'<img class="{css_class}" src="{uri}" alt="example image">'
     text = row.get("text")
     if _present(text):
-        return f'<div class="msif-text">{html.escape(str(text))}</div>'
+        return f'<div class="msif-text">{highlighted(str(text), shared)}</div>'
     return '<div class="msif-text">(no image or text)</div>'
 
 
@@ -122,11 +152,18 @@ def format_score(score: float) -> str:
     return f"{score:+.3g}"
 
 
-def example_cards(rows: pd.DataFrame, kind: str, total_abs: float | None, link=None) -> str:
+def example_cards(
+    rows: pd.DataFrame,
+    kind: str,
+    total_abs: float | None,
+    link=None,
+    shared: frozenset[str] = frozenset(),
+) -> str:
     """A grid of cards, one per top-k example: input, `#<pretrain_id>`, label, score, share.
 
     Image examples get a square card each; text examples a full-width card whose facts sit
-    on one line above the text. `link(pretrain_id)`, when given, makes each id a link.
+    on one line above the text, with the words in `shared` (the test's words) marked.
+    `link(pretrain_id)`, when given, makes each id a link.
     """
     textual = rows["image_png"].isna().all() if "image_png" in rows else True
     cards = []
@@ -145,7 +182,8 @@ def example_cards(rows: pd.DataFrame, kind: str, total_abs: float | None, link=N
         )
         if textual:
             facts = f'<div class="msif-facts-line">{head}{label}{score}</div>'
-            cards.append(f'<div class="msif-card">{facts}{example_body(row)}{bar}</div>')
+            body = example_body(row, shared=shared)
+            cards.append(f'<div class="msif-card">{facts}{body}{bar}</div>')
         else:
             cards.append(
                 f'<div class="msif-card">{example_body(row)}{head}{label}{score}{bar}</div>'

@@ -11,7 +11,7 @@ import streamlit as st
 
 from explorer import data
 from explorer.data import Run
-from explorer.render import example_cards, list_header
+from explorer.render import content_words, example_cards, list_header
 from explorer.state import Selection
 
 EXPORT_COLUMNS = [
@@ -79,6 +79,11 @@ def render(run: Run, selection: Selection) -> None:
         "helpful": "Removing these would raise the test loss most (score > 0).",
         "harmful": "Removing these would lower the test loss most (score < 0).",
     }
+    # text runs: mark the words a pretraining passage shares with the test input, so surface
+    # overlap is told apart from deeper influence
+    shared = content_words(run.test.loc[selection.test_id].get("text"))
+    if shared:
+        st.caption("Words shared with the test input are marked.")
     columns = st.columns(2, gap="large")
     for column, (kind, rows) in zip(columns, lists.items(), strict=True):
         with column:
@@ -86,7 +91,8 @@ def render(run: Run, selection: Selection) -> None:
             if rows.empty:
                 st.info(f"No {kind} examples are stored for this test.")
             else:
-                st.html(example_cards(rows, kind, total, link=partial(_map_link, selection)))
+                link = partial(_map_link, selection)
+                st.html(example_cards(rows, kind, total, link=link, shared=shared))
     st.caption(f"Share = |score| {denominator}.")
     export = pd.concat(lists.values())
     export = export[[c for c in EXPORT_COLUMNS if c in export.columns]]

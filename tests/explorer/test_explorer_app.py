@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from explorer.render import content_words
 from explorer.state import VIEWS
 from precompute.rundir import read_table, to_table
 
@@ -271,3 +272,20 @@ def test_example_ids_link_to_their_detail_on_the_map(app, image_run):
     assert_clean(at)
     assert "There is no pretraining example nope" in " ".join(w.value for w in at.warning)
     assert param(at, "example") is None
+
+
+def test_words_shared_with_the_test_text_are_marked(app, text_run):
+    test = read_table(text_run, "test").set_index("test_id")
+    top = read_table(text_run, "top")
+    pretrain = read_table(text_run, "pretrain").set_index("pretrain_id")
+    test_id = int(top["test_id"].iloc[0])
+    at = app(text_run, test=test_id, scenario="fixed", k=5)
+    assert_clean(at)
+    body = html_of(at)
+    shown = top[(top.test_id == test_id) & (top.scenario == "fixed") & (top["rank"] <= 5)]
+    passages = pretrain.loc[shown.pretrain_id, "text"]
+    shared = content_words(test.loc[test_id, "text"])
+    expected = {w for p in passages for w in content_words(p) if w in shared}
+    assert expected, "the synthetic run should share some words between tests and passages"
+    marked = set(re.findall(r'<mark class="msif-shared">([^<]*)</mark>', body))
+    assert {w.lower() for w in marked} == expected
