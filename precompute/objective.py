@@ -112,7 +112,7 @@ class Objective:
         space: ParamSpace,
         reg: torch.Tensor,
         batch_size: int = 512,
-        rhs_chunk: int = 64,
+        rhs_chunk: int = 256,
     ):
         self.model, self.loss_fn = model, loss_fn
         self.space = space
