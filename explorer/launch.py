@@ -21,6 +21,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def preferred_port(port: int = 8501) -> int:
+    """Streamlit's usual port when it is free, else any free one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
+
+
 def command(port: int) -> list[str]:
     """The streamlit command line for the explorer on 127.0.0.1:`port`."""
     return [
@@ -61,7 +71,7 @@ def start(target: Path, port: int | None = None, **popen_kwargs) -> tuple[subpro
 def serve(target: Path, port: int | None = None) -> int:
     """Run the explorer on `target` (a run directory or a folder of runs) until interrupted;
     returns streamlit's exit code."""
-    process, port = start(Path(target), port)
+    process, port = start(Path(target), port or preferred_port())
     try:
         wait_until_healthy(port, process)
         warm_up(port)

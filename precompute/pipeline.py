@@ -183,6 +183,30 @@ def versions() -> dict:
     return out
 
 
+def load_checked(task: MultiStageTask, scenarios: list[str], device: torch.device):
+    """(datasets, pretrained model, finetuned models, shared names), each checked against the
+    contract on a first batch, the models on `device` in eval mode."""
+    data = check_data(task)
+    # every model is fetched before any is moved: a task may build its finetuned models from
+    # its own pretrained one, on its own device
+    pretrained = call(task, "pretrained_model")
+    finetuned = {s: call(task, "finetuned_model", s) for s in scenarios}
+    pretrained = pretrained.to(device).eval()
+    finetuned = {s: model.to(device).eval() for s, model in finetuned.items()}
+    shared = check_models(task, pretrained, finetuned)
+    first = next(batches(data["pretrain_data"], 2, device))
+    check_outputs(task, "pretrain_loss", pretrained, first, _size(first), "pretrain_data")
+    check_outputs(task, "represent", pretrained, first, _size(first), "pretrain_data")
+    for model in finetuned.values():
+        for name in ("finetune_train_data", "finetune_test_data"):
+            batch = next(batches(data[name], 2, device))
+            check_outputs(task, "finetune_loss", model, batch, _size(batch), name)
+            check_outputs(task, "finetune_logits", model, batch, _size(batch), name)
+    for p in _params(pretrained, shared):
+        p.requires_grad_(True)
+    return data, pretrained, finetuned, shared
+
+
 def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=print) -> Path:
     """Compute every score of the task and write the run directory `out`; returns its path."""
     config.check()
@@ -196,30 +220,10 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
     out = Path(out)
     with RunWriter(out, overwrite=config.overwrite) as writer:
         with timer.stage("load"):
-            data = check_data(task)
+            data, pretrained, finetuned, shared = load_checked(task, scenarios, device)
             pretrain_data = data["pretrain_data"]
             train_data, test_data = data["finetune_train_data"], data["finetune_test_data"]
             m, q = len(pretrain_data), len(test_data)
-            # every model is fetched before any is moved: a task may build its finetuned models
-            # from its own pretrained one, on its own device
-            pretrained = call(task, "pretrained_model")
-            finetuned = {s: call(task, "finetuned_model", s) for s in scenarios}
-            pretrained = pretrained.to(device).eval()
-            finetuned = {s: model.to(device).eval() for s, model in finetuned.items()}
-            shared = check_models(task, pretrained, finetuned)
-            first = next(batches(pretrain_data, 2, device))
-            check_outputs(task, "pretrain_loss", pretrained, first, _size(first), "pretrain_data")
-            check_outputs(task, "represent", pretrained, first, _size(first), "pretrain_data")
-            for model in finetuned.values():
-                for name, dataset in (
-                    ("finetune_train_data", train_data),
-                    ("finetune_test_data", test_data),
-                ):
-                    b = next(batches(dataset, 2, device))
-                    check_outputs(task, "finetune_loss", model, b, _size(b), name)
-                    check_outputs(task, "finetune_logits", model, b, _size(b), name)
-            for p in _params(pretrained, shared):
-                p.requires_grad_(True)
         spaces = Spaces(
             shared=ParamSpace.of(pretrained, shared),
             pretrain_only=ParamSpace.of(pretrained, trainable_names(pretrained, shared)),
