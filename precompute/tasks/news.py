@@ -107,16 +107,31 @@ def mean_embedding(embedding: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class NewsPretrainNet(nn.Module):
-    """Word embedding (W) and the target-word head (U): logits = head(tanh(mean embedding))."""
+    """Word embedding (W) and the target-word head: logits = head(mean embedding).
 
-    def __init__(self, vocab_size: int, dim: int, n_targets: int, dtype=DTYPE) -> None:
+    The head's weight is a fixed random code per target word (N(0, 1) entries from `seed`,
+    requires_grad=False, a constant as DESIGN.md section 4 allows); its bias is trained (U).
+    With the codes fixed the pretraining objective is convex in (W, U) and strictly convex with
+    the L2 term; training both factors of a bilinear model would leave a flat optimum (E -> E R,
+    codes -> codes R for any orthogonal R leave the loss and the L2 term unchanged).
+    """
+
+    def __init__(
+        self, vocab_size: int, dim: int, n_targets: int, seed: int = 0, dtype=DTYPE
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.head = nn.Linear(dim, n_targets)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.embedding.weight.zero_()
+            self.head.weight.copy_(torch.randn(n_targets, dim, generator=generator))
+            self.head.bias.zero_()
+        self.head.weight.requires_grad_(False)
         self.to(dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(mean_embedding(self.embedding, tokens)))
+        return self.head(mean_embedding(self.embedding, tokens))
 
 
 class NewsFinetuneNet(nn.Module):
@@ -199,7 +214,6 @@ class NewsTask(MultiStageTask):
     dim = 32
     # training
     pretrain_seed = 0
-    init_scale = 0.3
     pretrain_grad_tol = 1e-7
     finetune_grad_tol = 1e-9
     lbfgs_max_iter = 400
@@ -372,7 +386,7 @@ class NewsTask(MultiStageTask):
 
     # ------------------------------------------------------------------------ losses, outputs
     def new_pretrain_model(self) -> NewsPretrainNet:
-        return NewsPretrainNet(self.vocab_size, self.dim, self.n_targets)
+        return NewsPretrainNet(self.vocab_size, self.dim, self.n_targets, self.pretrain_seed)
 
     def new_finetune_model(self) -> NewsFinetuneNet:
         return NewsFinetuneNet(self.vocab_size, self.dim, 5)
@@ -436,11 +450,12 @@ class NewsTask(MultiStageTask):
         """
         a = self._matrix("pretrain")
         targets = self._load()["tensors"]["pretrain"][1]
-        hidden = torch.tanh(torch.sparse.mm(a, model.embedding.weight))
+        hidden = torch.sparse.mm(a, model.embedding.weight)
         losses = F.cross_entropy(model.head(hidden), targets, reduction="none")
         if keep is not None:
             losses = losses * keep.to(losses.dtype)
-        return losses.sum() / len(targets) + 0.5 * self.pretrain_l2 * _sq_norm(model.parameters())
+        trainable = (p for p in model.parameters() if p.requires_grad)
+        return losses.sum() / len(targets) + 0.5 * self.pretrain_l2 * _sq_norm(trainable)
 
     def finetune_objective(
         self, model: nn.Module, scenario: str, anchor: torch.Tensor | None = None
@@ -535,30 +550,22 @@ class NewsTask(MultiStageTask):
         return info
 
     def _pretrain_scales(self) -> list[torch.Tensor]:
-        """Per-row preconditioner of (embedding, head weight, head bias): 1/sqrt of the data
+        """Per-row preconditioner of (embedding, head bias): 1/sqrt of the data
         curvature scale (mean-pooling weight of a word, frequency of a target) plus lp."""
         m = len(self.pretrain_data())
         word = torch.sparse.sum(self._matrix("pretrain"), 0).to_dense() / m
         target = torch.bincount(self._load()["tensors"]["pretrain"][1], minlength=self.n_targets)
         target = target.to(DTYPE) / m
         lp = self.pretrain_l2
-        return [
-            (word + lp).rsqrt().unsqueeze(1),
-            (target + lp).rsqrt().unsqueeze(1),
-            (target + lp).rsqrt(),
-        ]
+        return [(word + lp).rsqrt().unsqueeze(1), (target + lp).rsqrt()]
 
     def _train_pretrained(
         self, keep: torch.Tensor | None = None, init: dict | None = None
     ) -> tuple[NewsPretrainNet, dict]:
-        torch.manual_seed(self.pretrain_seed)
         model = self.new_pretrain_model()
-        with torch.no_grad():
-            model.embedding.weight.normal_(0.0, self.init_scale)
-            model.embedding.weight[0].zero_()
         if init is not None:
             model.load_state_dict(init)
-        params = [model.embedding.weight, model.head.weight, model.head.bias]
+        params = [model.embedding.weight, model.head.bias]
         info = self._minimise(
             lambda: self.pretrain_objective(model, keep),
             params,
@@ -611,7 +618,7 @@ class NewsTask(MultiStageTask):
         names = (
             "version pretrain_l2 finetune_l2 proximal_alpha n_test n_finetune_train split_seed "
             "target_seed vocab_size n_targets min_tokens max_tokens article_tokens dim "
-            "pretrain_seed init_scale pretrain_grad_tol finetune_grad_tol"
+            "pretrain_seed pretrain_grad_tol finetune_grad_tol"
         ).split()
         key = {n: getattr(self, n) for n in names}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -649,9 +656,7 @@ class NewsTask(MultiStageTask):
 
     @staticmethod
     def _ready(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-        model.load_state_dict(state)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.load_state_dict(state)  # requires_grad as built: the frozen code stays frozen
         return model.eval()
 
     def pretrained_model(self) -> NewsPretrainNet:
