@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--cg-tol", default=1e-6, type=float)
     pre.add_argument("--cg-max-iter", default=500, type=_positive)
     pre.add_argument("--no-maps", action="store_true", help="skip the UMAP embedding map")
+    pre.add_argument(
+        "--agreement-tests",
+        default=0,
+        type=int,
+        help="also score the first N tests with well-converged cg and record the agreement",
+    )
     pre.add_argument("--overwrite", action="store_true", help="replace a complete run at --out")
 
     val = commands.add_parser("validate", help="compare scores with leave-one-out retraining")
@@ -96,6 +102,7 @@ def run_precompute(args) -> Path:
         cg_tol=args.cg_tol,
         cg_max_iter=args.cg_max_iter,
         maps=not args.no_maps,
+        agreement_tests=args.agreement_tests,
         overwrite=args.overwrite,
     )
     out = precompute(load_task(args.task), args.out, config, log=_log)

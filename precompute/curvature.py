@@ -154,14 +154,23 @@ def solve_ekfac(objective, rhs: torch.Tensor, damping: float | str) -> tuple[tor
     return curvature.solve(rhs, d), info
 
 
-def solve(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
-    """(H + d I)^{-1} rhs for the Hessian H of `objective` (an Objective), by config.solver.
+def resolve(solver: str, size: int, stage: str) -> str:
+    """The solver `auto` stands for: exact up to EXACT_MAX_PARAMS parameters; past that, cg
+    for a finetuning Hessian (its data, the finetuning set, is small) and ekfac for the
+    pretraining Hessian (one pass per iteration over the large pretraining set is too dear)."""
+    if solver != "auto":
+        return solver
+    if size <= EXACT_MAX_PARAMS:
+        return "exact"
+    return "ekfac" if stage == "pretrain" else "cg"
 
-    `auto` is exact up to EXACT_MAX_PARAMS parameters, else cg.
-    """
-    solver = config.solver
-    if solver == "auto":
-        solver = "exact" if rhs.shape[1] <= EXACT_MAX_PARAMS else "cg"
+
+def solve(
+    objective, rhs: torch.Tensor, config: SolveConfig, stage: str = "finetune"
+) -> tuple[torch.Tensor, dict]:
+    """(H + d I)^{-1} rhs for the Hessian H of `objective` (an Objective), by config.solver
+    (`auto` resolved by size and stage, see `resolve`)."""
+    solver = resolve(config.solver, rhs.shape[1], stage)
     if solver == "exact":
         return solve_exact(objective.hvp, rhs, config.damping)
     if solver == "cg":

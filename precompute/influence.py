@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import Dataset
 
 from precompute.curvature import SolveConfig, solve
 from precompute.objective import Objective, ParamSpace, functional_loss, per_example_grads
@@ -40,13 +41,17 @@ def scenario_vectors(
     shared: ParamSpace,
     config: SolveConfig,
     batch_size: int = 512,
+    test_data: Dataset | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """u_t for every test example, [Q, |W|], and the solve's info, at the finetuned `model`."""
+    """u_t for every test example (of `test_data`, default the task's test set), [Q, |W|], and
+    the solve's info, at the finetuned `model`."""
     head = ParamSpace.of(model, trainable_names(model, list(shared.names)))
     joint = shared + head
     test_loss = functional_loss(model, task.finetune_loss, joint)
     theta = joint.read(model)
-    grads = per_example_grads(test_loss, theta, task.finetune_test_data(), batch_size)
+    if test_data is None:
+        test_data = task.finetune_test_data()
+    grads = per_example_grads(test_loss, theta, test_data, batch_size)
     grad_w, grad_t = joint.split(grads, len(shared.names))
     train = task.finetune_train_data()
     lf = float(task.finetune_l2)
@@ -102,4 +107,4 @@ def pretrain_vectors(
     reg = torch.full((space.size,), float(task.pretrain_l2), dtype=torch.float64)
     h_g = Objective(model, task.pretrain_loss, task.pretrain_data(), space, reg, batch_size)
     rhs = torch.cat([u, u.new_zeros(len(u), spaces.pretrain_only.size)], dim=1)
-    return solve(h_g, rhs, config)
+    return solve(h_g, rhs, config, stage="pretrain")

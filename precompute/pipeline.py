@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from precompute.agreement import solver_agreement
 from precompute.curvature import SOLVERS, SolveConfig
 from precompute.influence import Spaces, pretrain_vectors, scenario_vectors, trainable_names
 from precompute.objective import ParamSpace, batches
@@ -55,6 +56,7 @@ class PrecomputeConfig:
     cg_max_iter: int = 500
     maps: bool = True
     overwrite: bool = False
+    agreement_tests: int = 0  # > 0: compare the solver with well-converged cg on these tests
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -289,6 +291,20 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
             bar.close()
             if full:
                 write_scores(writer, store, scenarios, q, m)
+        agreement = None
+        if config.agreement_tests:
+            with timer.stage("solver_agreement"):
+                agreement = solver_agreement(
+                    task,
+                    pretrained,
+                    finetuned,
+                    spaces,
+                    scenarios,
+                    solve_config,
+                    config.agreement_tests,
+                    config.batch_size,
+                )
+                log(f"[msif] scores against well-converged cg: {agreement}")
         with timer.stage("maps"):
             if config.maps:
                 from precompute.maps import embedding_map
@@ -319,6 +335,7 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
                 "pretrain_only": spaces.pretrain_only.size,
             },
             "top_k": config.top_k,
+            "solver_agreement": agreement,
             "full_scores": full,
             "pretraining_pass": {"path": result.path, "vmap_params": result.vmap_params},
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
