@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,7 +32,9 @@ class SolveConfig:
 def explicit_hessian(hvp: Hvp, size: int, like: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """H as a dense [p, p] matrix, from hvp on the identity in chunks, symmetrised."""
     rows = []
-    for start in range(0, size, chunk):
+    for start in tqdm(
+        range(0, size, chunk), desc="explicit Hessian", unit="chunk", leave=False, disable=None
+    ):
         stop = min(start + chunk, size)
         eye = torch.zeros(stop - start, size, dtype=like.dtype, device=like.device)
         eye[:, start:stop] = torch.eye(stop - start, dtype=like.dtype, device=like.device)
@@ -101,8 +104,11 @@ def solve_cg(
     active = rs.sqrt() > target
     negative = torch.zeros(len(rhs), dtype=torch.bool, device=rhs.device)
     iterations = 0
+    bar = tqdm(total=max_iter, desc="conjugate gradients", unit="it", leave=False, disable=None)
     while active.any() and iterations < max_iter:
         iterations += 1
+        bar.update()
+        bar.set_postfix(unconverged=int(active.sum()))
         idx = active.nonzero().squeeze(1)
         ap = damped(p[idx])
         curvature = (p[idx] * ap).sum(1)
@@ -116,6 +122,7 @@ def solve_cg(
         p[idx] = r[idx] + beta[:, None] * p[idx]
         rs[idx] = rs_new
         active[idx] = (rs_new.sqrt() > target[idx]) & ~bad
+    bar.close()
     relative = rs.sqrt() / rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
     info = {
         "solver": "cg",

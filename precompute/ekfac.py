@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from precompute.objective import Objective, ParamSpace, batch_grads, batches, functional_loss
 from precompute.scoring import layer_calls, supported
@@ -72,7 +73,7 @@ class EKFAC:
         dataset, device = self.objective.dataset, self.objective.device
         n = len(dataset)
         factors = {id(b.module): [None, None] for b in self.blocks}
-        for batch in batches(dataset, self.batch_size, device):
+        for batch in self._progress(batches(dataset, self.batch_size, device), "EK-FAC factors"):
             _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
             for module, a, g in calls:
                 a_cov, s_cov = self._covariances(module, a, g)
@@ -86,7 +87,8 @@ class EKFAC:
             block.q_s = torch.linalg.eigh(s_cov.double())[1].to(s_cov.dtype)
             if not isinstance(block.module, nn.Embedding):
                 block.q_a = torch.linalg.eigh(a_cov.double())[1].to(a_cov.dtype)
-        for batch in batches(dataset, self.batch_size, device):
+        stream = batches(dataset, self.batch_size, device)
+        for batch in self._progress(stream, "EK-FAC eigenvalues"):
             _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
             per_module: dict[int, torch.Tensor] = {}
             for module, a, g in calls:
@@ -113,6 +115,10 @@ class EKFAC:
                 total += (batch_grads(loss, theta, batch) ** 2).sum(0)
             self.diagonal = total / n
         return self
+
+    def _progress(self, iterable, desc: str):
+        total = -(-len(self.objective.dataset) // self.batch_size)
+        return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False, disable=None)
 
     def _block(self, module: nn.Module) -> _Block:
         return self._block_by_id(id(module))
