@@ -154,6 +154,7 @@ def _log(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from precompute.pipeline import StageError
     from precompute.rundir import RunError
     from precompute.task import TaskError
 
@@ -169,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args.target, args.port)
         elif args.command == "demo":
             return run_demo(args)
-    except (TaskError, RunError, ValueError, FloatingPointError, OSError) as exc:
+    except (TaskError, RunError, StageError, ValueError, FloatingPointError, OSError) as exc:
         if os.environ.get("MSIF_DEBUG"):
             raise
-        print(f"msif: error: {exc}", file=sys.stderr)
+        hint = " (MSIF_DEBUG=1 shows the traceback)" if isinstance(exc, StageError) else ""
+        print(f"msif: error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msif: interrupted; no run was written", file=sys.stderr)

@@ -83,7 +83,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class StageError(RuntimeError):
+    """A stage of the computation failed; the message names the stage and the cause."""
+
+
 class Timer:
+    """Times named stages; an unexpected error in one is re-raised as a StageError naming it."""
+
     def __init__(self, log):
         self.times: dict[str, float] = {}
         self.log = log
@@ -92,7 +98,12 @@ class Timer:
     def stage(self, name: str):
         start = time.perf_counter()
         self.log(f"[msif] {name} ...")
-        yield
+        try:
+            yield
+        except (TaskError, ValueError, FloatingPointError, StageError):
+            raise  # already one sentence that names what is wrong
+        except Exception as exc:
+            raise StageError(f"stage {name} failed: {type(exc).__name__}: {exc}") from exc
         self.times[name] = round(time.perf_counter() - start, 3)
         self.log(f"[msif] {name}: {self.times[name]:.2f} s")
 

@@ -110,7 +110,7 @@ def test_crash_during_overwrite_keeps_the_old_run(tiny_run, tmp_path, monkeypatc
     shutil.copytree(tiny_run, copy)
     monkeypatch.setattr(pipeline, "write_scores", lambda *a, **k: 1 / 0)
     config = PrecomputeConfig(maps=False, overwrite=True, full_scores="on")
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(pipeline.StageError, match="stage pretraining_pass failed: ZeroDivision"):
         precompute(TinyTask(), copy, config, log=lambda message: None)
     assert read_manifest(copy)["created_at"] == read_manifest(tiny_run)["created_at"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -28,6 +28,7 @@ BAD = Path(__file__).parent / "bad_tasks.py"
         ),
         (f"{BAD}:MovedFixedEncoder", "must equal the pretrained one"),
         (f"{BAD}:NotATask", "is not a subclass of precompute.MultiStageTask"),
+        (f"{BAD}:ItemInLoss", "stage pretraining_pass failed: RuntimeError: vmap"),
         (f"{BAD}:Absent", "task class 'Absent' not found"),
         ("no/such/file.py:Task", "task file 'no/such/file.py' does not exist"),
         ("nosuchpackage.module:Task", "cannot import task module 'nosuchpackage.module'"),

@@ -582,9 +582,13 @@ class NewsTask(MultiStageTask):
     def _train_finetuned(
         self, pretrained: nn.Module, scenario: str, init: dict | None = None
     ) -> tuple[NewsFinetuneNet, dict]:
-        """Finetune from `pretrained` (W_pt); `init` warm-starts T (and W in UPDATED)."""
+        """Finetune from `pretrained` (W_pt); `init` warm-starts T (and W in UPDATED). Without
+        `init`, UPDATED starts from (W_pt, the FIXED optimum's T), near its own optimum."""
         if scenario not in ("fixed", "updated"):
             raise ValueError(f"unknown scenario {scenario!r}: use 'fixed' or 'updated'")
+        if scenario == "updated" and init is None:
+            fixed, _ = self._train_finetuned(pretrained, "fixed")
+            init = {k: v.detach() for k, v in fixed.state_dict().items()}
         model = self.new_finetune_model()
         anchor = pretrained.embedding.weight.detach().clone().to(DTYPE).cpu()
         with torch.no_grad():
