@@ -287,19 +287,20 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
             def sink(start, scores):
                 store[:, start : start + scores.shape[1]] = scores.float().cpu().numpy()
 
-            bar = tqdm(total=m, desc="pretraining pass", unit="ex", leave=False)
-            result = score_pretraining(
-                pretrained,
-                task.pretrain_loss,
-                pretrain_data,
-                spaces.shared + spaces.pretrain_only,
-                s_vectors,
-                config.top_k,
-                config.batch_size,
-                sink if full else None,
-                bar.update,
-            )
-            bar.close()
+            with tqdm(
+                total=m, desc="pretraining pass", unit="ex", leave=False, disable=None
+            ) as bar:
+                result = score_pretraining(
+                    pretrained,
+                    task.pretrain_loss,
+                    pretrain_data,
+                    spaces.shared + spaces.pretrain_only,
+                    s_vectors,
+                    config.top_k,
+                    config.batch_size,
+                    sink if full else None,
+                    bar.update,
+                )
             if full:
                 write_scores(writer, store, scenarios, q, m)
         agreement = None
