@@ -16,7 +16,13 @@ import torch
 from torch.utils.data import Dataset
 
 from precompute.curvature import SolveConfig, solve
-from precompute.objective import Objective, ParamSpace, functional_loss, per_example_grads
+from precompute.objective import (
+    Objective,
+    ParamSpace,
+    batches,
+    functional_loss,
+    per_example_grads,
+)
 from precompute.task import MultiStageTask
 
 
@@ -28,10 +34,20 @@ class Spaces:
     pretrain_only: ParamSpace
 
 
-def trainable_names(model: torch.nn.Module, shared: list[str]) -> list[str]:
-    """Parameters with requires_grad that are not shared, in the model's order."""
+def trainable_names(
+    model: torch.nn.Module, shared: list[str], loss_fn=None, batch=None
+) -> list[str]:
+    """Parameters with requires_grad that are not shared, in the model's order; given a loss
+    and a batch, only those the loss depends on (a head the loss never uses is a constant)."""
     chosen = set(shared)
-    return [n for n, p in model.named_parameters() if p.requires_grad and n not in chosen]
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n not in chosen]
+    if loss_fn is None or not names:
+        return names
+    params = dict(model.named_parameters())
+    with torch.enable_grad():
+        loss = loss_fn(model, batch).sum()
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return [n for n, g in zip(names, grads, strict=True) if g is not None]
 
 
 def scenario_vectors(
@@ -45,7 +61,11 @@ def scenario_vectors(
 ) -> tuple[torch.Tensor, dict]:
     """u_t for every test example (of `test_data`, default the task's test set), [Q, |W|], and
     the solve's info, at the finetuned `model`."""
-    head = ParamSpace.of(model, trainable_names(model, list(shared.names)))
+    train = task.finetune_train_data()
+    first = next(batches(train, 2, next(model.parameters()).device))
+    head = ParamSpace.of(
+        model, trainable_names(model, list(shared.names), task.finetune_loss, first)
+    )
     joint = shared + head
     test_loss = functional_loss(model, task.finetune_loss, joint)
     theta = joint.read(model)
@@ -53,7 +73,6 @@ def scenario_vectors(
         test_data = task.finetune_test_data()
     grads = per_example_grads(test_loss, theta, test_data, batch_size)
     grad_w, grad_t = joint.split(grads, len(shared.names))
-    train = task.finetune_train_data()
     lf = float(task.finetune_l2)
     if scenario == "fixed":
         if head.size == 0:

@@ -239,7 +239,12 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
             m, q = len(pretrain_data), len(test_data)
         spaces = Spaces(
             shared=ParamSpace.of(pretrained, shared),
-            pretrain_only=ParamSpace.of(pretrained, trainable_names(pretrained, shared)),
+            pretrain_only=ParamSpace.of(
+                pretrained,
+                trainable_names(
+                    pretrained, shared, task.pretrain_loss, next(batches(pretrain_data, 2, device))
+                ),
+            ),
         )
         with timer.stage("describe"):
             pretrain_rows = describe_rows(task, "pretrain", m, "pretrain_id")

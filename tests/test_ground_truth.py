@@ -162,3 +162,31 @@ def test_matches_leave_one_out_retraining(task, scenario):
     slope = (p @ a) / (p @ p)
     assert pearson >= 0.98, pearson
     assert 0.8 <= slope <= 1.25, slope
+
+
+class ExtraUnusedParameters(TinyTask):
+    """Both models carry a trainable parameter that no loss uses (a leftover head, say)."""
+
+    def pretrained_model(self):
+        model = super().pretrained_model()
+        model.leftover = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+        return model
+
+    def finetuned_model(self, scenario):
+        model = super().finetuned_model(scenario)
+        model.leftover = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+        return model
+
+
+def test_parameters_no_loss_uses_are_constants(tmp_path):
+    from precompute.pipeline import PrecomputeConfig, precompute
+    from precompute.rundir import read_manifest, read_table
+
+    config = PrecomputeConfig(solver="exact", damping=0.0, maps=False, full_scores="on")
+    plain = precompute(TinyTask(), tmp_path / "plain", config, log=lambda m: None)
+    extra = precompute(ExtraUnusedParameters(), tmp_path / "extra", config, log=lambda m: None)
+    for system in ("fixed", "updated", "pretrain"):
+        sizes = [read_manifest(r)["solver"][system]["params"] for r in (plain, extra)]
+        assert sizes[0] == sizes[1]
+    scores = [read_table(r, "scores")["score"].to_numpy() for r in (plain, extra)]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-6)
