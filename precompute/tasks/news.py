@@ -215,10 +215,10 @@ class NewsTask(MultiStageTask):
     # training
     pretrain_seed = 0
     pretrain_grad_tol = 1e-8
-    finetune_grad_tol = 1e-9
+    finetune_grad_tol = 1e-8
     lbfgs_chunk = 20
     lbfgs_max_iter = 400
-    newton_steps = 5
+    newton_steps = 3
     version = "1"
 
     def __init__(self) -> None:
@@ -357,7 +357,8 @@ class NewsTask(MultiStageTask):
             "test": len(data["split_articles"]["test"]),
             "vocab": v,
             "W": v * d,
-            "U": self.n_targets * (d + 1),
+            "U": self.n_targets,  # the trained bias of the target-word head
+            "target_codes": self.n_targets * d,  # its fixed random weight (a constant)
             "T": len(data["topics"]) * (d + 1),
             "read_seconds": data["seconds"],
         }
@@ -579,6 +580,21 @@ class NewsTask(MultiStageTask):
         )
         return model, info
 
+    def _finetune_scales(self, model: nn.Module, scenario: str) -> list[torch.Tensor]:
+        """Per-row/column preconditioner of (embedding, head weight, head bias): 1/sqrt of a
+        Gauss-Newton estimate of the diagonal curvature (softmax variance taken as 0.2)."""
+        a = self._matrix("finetune_train")
+        n = a.shape[0]
+        with torch.no_grad():
+            x = torch.sparse.mm(a, model.embedding.weight)
+            head = 0.2 * (x * x).mean(0) + self.finetune_l2
+            bias = torch.full((model.head.bias.shape[0],), 0.2 + self.finetune_l2, dtype=DTYPE)
+            word = torch.sparse.sum(a * a, 0).to_dense() / n
+            t2 = (model.head.weight**2).sum() / model.head.weight.shape[0]
+            emb = 0.2 * word * t2 + self.finetune_l2 + self.proximal_alpha
+        scales = [emb.rsqrt().unsqueeze(1), head.rsqrt().expand(model.head.weight.shape[0], -1)]
+        return scales + [bias.rsqrt()]
+
     def _train_finetuned(
         self, pretrained: nn.Module, scenario: str, init: dict | None = None
     ) -> tuple[NewsFinetuneNet, dict]:
@@ -600,23 +616,26 @@ class NewsTask(MultiStageTask):
                 model.head.bias.copy_(init["head.bias"])
                 if scenario == "updated":
                     model.embedding.weight.copy_(init["embedding.weight"])
+        scales = self._finetune_scales(model, scenario)
         if scenario == "fixed":
             model.embedding.weight.requires_grad_(False)
-            params = list(model.head.parameters())
+            params = [model.head.weight, model.head.bias]
             info = self._minimise(
                 lambda: self.finetune_objective(model, "fixed"),
                 params,
                 self.finetune_grad_tol,
                 "fixed finetuning",
+                scales[1:],
             )
             model.embedding.weight.requires_grad_(True)
         else:
-            params = list(model.parameters())
+            params = [model.embedding.weight, model.head.weight, model.head.bias]
             info = self._minimise(
                 lambda: self.finetune_objective(model, "updated", anchor),
                 params,
                 self.finetune_grad_tol,
                 "updated finetuning",
+                scales,
             )
         return model, info
 
