@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from precompute.task import MultiStageTask
+from precompute.tasks.checkpoints import cache_root, load_or_train
+from precompute.tasks.training import newton_cg, sq_norm, warn_if_unconverged
 
 DTYPE = torch.float64
 
@@ -67,122 +66,6 @@ class _ArrayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[index], self.y[index]
-
-
-def _sq_norm(params) -> torch.Tensor:
-    return sum((p * p).sum() for p in params)
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    chunks = v.split([t.numel() for t in like])
-    return [c.view_as(t) for c, t in zip(chunks, like, strict=True)]
-
-
-def _grad_norm(objective, params: list[torch.Tensor]) -> float:
-    grads = torch.autograd.grad(objective(), params)
-    return float(_flat(grads).norm())
-
-
-def _conjugate_gradient(
-    hvp, b: torch.Tensor, rtol: float, max_iter: int
-) -> tuple[torch.Tensor | None, int]:
-    """Solve H x = b by CG to |r| <= rtol |b|; None if H shows non-positive curvature."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = r @ r
-    stop = (rtol * b.norm()) ** 2
-    for it in range(1, max_iter + 1):
-        hp = hvp(p)
-        php = p @ hp
-        if php <= 0:
-            return None, it
-        step = rr / php
-        x += step * p
-        r -= step * hp
-        rr_new = r @ r
-        if rr_new <= stop:
-            return x, it
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x, max_iter
-
-
-def _newton_cg(objective, params: list[torch.Tensor], tol: float, max_steps: int) -> dict:
-    """Newton steps theta -= H^{-1} grad (CG on exact Hessian-vector products) until
-    |grad| <= tol; a step that does not reduce |grad| is halved (up to 10 times). Stops early
-    where the Hessian is not positive definite or no step helps."""
-    n = sum(p.numel() for p in params)
-    cg_iterations = 0
-    steps = 0
-
-    def gradient(create_graph: bool):
-        grads = torch.autograd.grad(objective(), params, create_graph=create_graph)
-        return grads, _flat(grads).detach()
-
-    grads, g = gradient(True)
-    gnorm = float(g.norm())
-    while gnorm > tol and steps < max_steps:
-        steps += 1
-
-        def hvp(v: torch.Tensor, grads=grads) -> torch.Tensor:
-            vs = _unflat(v, params)
-            hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-            return _flat(hv).detach()
-
-        d, its = _conjugate_gradient(hvp, g, rtol=min(1e-2, gnorm**0.5), max_iter=n)
-        cg_iterations += its
-        if d is None:  # not yet in a convex basin: leave it to more L-BFGS
-            break
-        old = _flat(params).detach().clone()
-        scale = 1.0
-        for _ in range(11):
-            with torch.no_grad():
-                for p, value in zip(params, _unflat(old - scale * d, params), strict=True):
-                    p.copy_(value)
-            new_grads, new_g = gradient(True)
-            new_norm = float(new_g.norm())
-            if new_norm < gnorm:
-                break
-            scale *= 0.5
-        else:  # no step reduced the gradient: restore and give up
-            with torch.no_grad():
-                for p, value in zip(params, _unflat(old, params), strict=True):
-                    p.copy_(value)
-            break
-        grads, g, gnorm = new_grads, new_g, new_norm
-    return {"grad_norm": gnorm, "steps": steps, "cg_iterations": cg_iterations}
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("MSIF_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "msif"
-
-
-def _atomic_save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _inputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +203,7 @@ class DigitsTask(MultiStageTask):
         losses = F.cross_entropy(model(x), y, reduction="none")
         if keep is not None:
             losses = losses * keep.to(losses.dtype)
-        return losses.sum() / len(x) + 0.5 * self.pretrain_l2 * _sq_norm(model.parameters())
+        return losses.sum() / len(x) + 0.5 * self.pretrain_l2 * sq_norm(model.parameters())
 
     def finetune_objective(
         self, model: nn.Module, scenario: str, anchor: dict[str, torch.Tensor] | None = None
@@ -332,7 +215,7 @@ class DigitsTask(MultiStageTask):
         """
         x, y = self._full_batch("finetune_train")
         ce = F.cross_entropy(model(x), y)
-        head = _sq_norm(model.head.parameters())
+        head = sq_norm(model.head.parameters())
         if scenario == "fixed":
             return ce + 0.5 * self.finetune_l2 * head
         if scenario == "updated":
@@ -340,8 +223,8 @@ class DigitsTask(MultiStageTask):
                 raise ValueError("the updated objective needs the anchor W_pt")
             enc = dict(model.named_parameters())
             shared = self.shared_parameters()
-            w2 = _sq_norm(enc[n] for n in shared)
-            prox = _sq_norm(enc[n] - anchor[n] for n in shared)
+            w2 = sq_norm(enc[n] for n in shared)
+            prox = sq_norm(enc[n] - anchor[n] for n in shared)
             return ce + 0.5 * self.finetune_l2 * (w2 + head) + 0.5 * self.proximal_alpha * prox
         raise ValueError(f"unknown scenario {scenario!r}: use 'fixed' or 'updated'")
 
@@ -387,7 +270,7 @@ class DigitsTask(MultiStageTask):
             for p in params:
                 p.grad = None
             info["lbfgs_iterations"] += int(opt.state[params[0]].get("n_iter", 0))
-            newton = _newton_cg(objective, params, self.grad_tol, self.newton_steps)
+            newton = newton_cg(objective, params, self.grad_tol, self.newton_steps)
             info["newton_steps"] += newton["steps"]
             info["cg_iterations"] += newton["cg_iterations"]
             grad_norm = newton["grad_norm"]
@@ -395,13 +278,7 @@ class DigitsTask(MultiStageTask):
                 break
         info["grad_norm"] = grad_norm
         info["seconds"] = time.perf_counter() - start
-        if not grad_norm <= self.grad_tol:
-            warnings.warn(
-                f"digits task: training stopped at gradient norm {grad_norm:.3g} "
-                f"(target {self.grad_tol:g}); influence estimates may be off",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        warn_if_unconverged(grad_norm, self.grad_tol, "digits task:", stacklevel=3)
         return info
 
     def _train_pretrained(
@@ -463,7 +340,7 @@ class DigitsTask(MultiStageTask):
             "grad_tol": self.grad_tol,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return _cache_root() / f"digits-{digest}"
+        return cache_root() / f"digits-{digest}"
 
     def _cached_state(self, name: str, train) -> dict[str, torch.Tensor]:
         """State dict of model `name`: from memory, else the cache file, else train and save it.
@@ -471,32 +348,9 @@ class DigitsTask(MultiStageTask):
         The training record (gradient norm, iterations, seconds) goes to `fit_info[name]` and to
         a JSON file beside the checkpoint, so a model loaded from the cache reports it too.
         """
-        path = self.cache_dir() / f"{name}.pt"
-        key = str(path)
-        if key not in self._states:
-            state = None
-            if path.is_file():
-                try:
-                    state = torch.load(path, weights_only=True, map_location="cpu")
-                    DigitsNet().load_state_dict(state)  # fails on a stale or foreign file
-                except Exception as exc:  # unreadable cache entry: retrain and overwrite it
-                    warnings.warn(f"ignoring unreadable cache file {path}: {exc}", stacklevel=3)
-                    state = None
-            if state is not None:
-                record = path.with_suffix(".json")
-                if record.is_file():
-                    try:
-                        self.fit_info[name] = {**json.loads(record.read_text()), "cached": True}
-                    except ValueError:
-                        pass
-            else:
-                model, info = train()
-                self.fit_info[name] = info
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                _atomic_save(state, path)
-                _atomic_write_text(json.dumps(info, indent=1), path.with_suffix(".json"))
-            self._states[key] = state
-        return self._states[key]
+        return load_or_train(
+            self.cache_dir(), name, train, DigitsNet, self._states, self.fit_info, stacklevel=3
+        )
 
     @staticmethod
     def _model(state: dict[str, torch.Tensor]) -> DigitsNet:

@@ -50,7 +50,6 @@ import importlib.resources
 import json
 import re
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +59,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from precompute.task import MultiStageTask
-from precompute.tasks.digits import (
-    _atomic_save,
-    _atomic_write_text,
-    _cache_root,
-    _flat,
-    _newton_cg,
-    _sq_norm,
-)
+from precompute.tasks.checkpoints import cache_root, load_or_train
+from precompute.tasks.training import grad_norm as gradient_norm
+from precompute.tasks.training import newton_cg, sq_norm, warn_if_unconverged
 
 DTYPE = torch.float64
 
@@ -461,7 +455,7 @@ class NewsTask(MultiStageTask):
         if keep is not None:
             losses = losses * keep.to(losses.dtype)
         trainable = (p for p in model.parameters() if p.requires_grad)
-        return losses.sum() / len(targets) + 0.5 * self.pretrain_l2 * _sq_norm(trainable)
+        return losses.sum() / len(targets) + 0.5 * self.pretrain_l2 * sq_norm(trainable)
 
     def finetune_objective(
         self, model: nn.Module, scenario: str, anchor: torch.Tensor | None = None
@@ -471,7 +465,7 @@ class NewsTask(MultiStageTask):
         labels = self._load()["tensors"]["finetune_train"][1]
         weight = model.embedding.weight
         ce = F.cross_entropy(model.head(torch.sparse.mm(a, weight)), labels)
-        head = _sq_norm(model.head.parameters())
+        head = sq_norm(model.head.parameters())
         if scenario == "fixed":
             return ce + 0.5 * self.finetune_l2 * head
         if scenario == "updated":
@@ -543,20 +537,14 @@ class NewsTask(MultiStageTask):
             if stalled >= 2:  # L-BFGS can no longer make progress in this precision
                 break
         if grad_norm > tol:  # polish with Newton steps on exact Hessian-vector products
-            newton = _newton_cg(objective, params, tol, self.newton_steps)
+            newton = newton_cg(objective, params, tol, self.newton_steps)
             info["newton_steps"] += newton["steps"]
             info["cg_iterations"] += newton["cg_iterations"]
             grad_norm = newton["grad_norm"]
         info["grad_norm"] = grad_norm
         info["objective"] = float(objective().detach())
         info["seconds"] = time.perf_counter() - start
-        if not grad_norm <= tol:
-            warnings.warn(
-                f"news task: {what} training stopped at gradient norm {grad_norm:.3g} "
-                f"(target {tol:g}); influence estimates may be off",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        warn_if_unconverged(grad_norm, tol, f"news task: {what}", stacklevel=3)
         return info
 
     def _pretrain_scales(self) -> list[torch.Tensor]:
@@ -654,37 +642,14 @@ class NewsTask(MultiStageTask):
         ).split()
         key = {n: getattr(self, n) for n in names}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return _cache_root() / f"news-{digest}"
+        return cache_root() / f"news-{digest}"
 
     def _cached_state(self, name: str, train, new_model) -> dict[str, torch.Tensor]:
         """State dict of model `name`: from memory, else the cache file, else train and save it
         (with its training record in a JSON file beside it, read back into `fit_info`)."""
-        path = self.cache_dir() / f"{name}.pt"
-        key = str(path)
-        if key not in self._states:
-            state = None
-            if path.is_file():
-                try:
-                    state = torch.load(path, weights_only=True, map_location="cpu")
-                    new_model().load_state_dict(state)  # fails on a stale or foreign file
-                except Exception as exc:  # unreadable cache entry: retrain and overwrite it
-                    warnings.warn(f"ignoring unreadable cache file {path}: {exc}", stacklevel=3)
-                    state = None
-            if state is not None:
-                record = path.with_suffix(".json")
-                if record.is_file():
-                    try:
-                        self.fit_info[name] = {**json.loads(record.read_text()), "cached": True}
-                    except ValueError:
-                        pass
-            else:
-                model, info = train()
-                self.fit_info[name] = info
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                _atomic_save(state, path)
-                _atomic_write_text(json.dumps(info, indent=1), path.with_suffix(".json"))
-            self._states[key] = state
-        return self._states[key]
+        return load_or_train(
+            self.cache_dir(), name, train, new_model, self._states, self.fit_info, stacklevel=3
+        )
 
     @staticmethod
     def _ready(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -729,8 +694,3 @@ class NewsTask(MultiStageTask):
         model, info = self._train_finetuned(pretrained_model, scenario, init=init)
         self.fit_info[f"fit_finetuned-{scenario}"] = info
         return self._ready(self.new_finetune_model(), model.state_dict())
-
-
-def gradient_norm(objective, params: list[torch.Tensor]) -> float:
-    """2-norm of the gradient of objective() over params."""
-    return float(_flat(torch.autograd.grad(objective(), params)).norm())
