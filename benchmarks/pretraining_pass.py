@@ -8,6 +8,7 @@ matrix-multiply rate measured on this machine in the same run.
     python benchmarks/pretraining_pass.py                    # m=20000, Q=32, CPU
     python benchmarks/pretraining_pass.py --device cuda --m 200000
     python benchmarks/pretraining_pass.py --m 20000,80000 --skip-naive   # memory vs m
+    python benchmarks/pretraining_pass.py --model passages --m 20000,80000 --skip-naive
 """
 
 from __future__ import annotations
@@ -28,16 +29,43 @@ from precompute.objective import ParamSpace
 from precompute.scoring import naive_scores, score_pretraining
 
 INPUTS, CLASSES = 200, 10
+VOCAB, DIM, LENGTH, TARGETS = 3200, 32, 32, 300  # the `news` task's passage model
 
 
-def model_and_data(m: int, q: int, device: str, seed: int = 0):
-    """A 51.6k-parameter tanh MLP, m synthetic examples and q random test-side vectors."""
+class Passages(nn.Module):
+    """Mean word embedding of a passage -> a held-out word (the `news` pretraining model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, DIM, padding_idx=0)
+        self.head = nn.Linear(DIM, TARGETS)
+
+    def forward(self, tokens):
+        mask = (tokens != 0).unsqueeze(-1).to(self.embedding.weight.dtype)
+        mean = (self.embedding(tokens) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.head(mean)
+
+
+def model_and_data(m: int, q: int, device: str, model_name: str = "mlp", seed: int = 0):
+    """A model, m synthetic examples and q random test-side vectors.
+
+    mlp: a 51.6k-parameter tanh MLP on 200 inputs. passages: the `news` model (a 3,200 x 32
+    word embedding and a 32 -> 300 head, 112k parameters) on padded passages of 32 tokens.
+    """
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(INPUTS, 192), nn.Tanh(), nn.Linear(192, 64), nn.Tanh(), nn.Linear(64, CLASSES)
-    ).to(device)
-    x = torch.randn(m, INPUTS)
-    y = torch.randint(0, CLASSES, (m,))
+    if model_name == "mlp":
+        model = nn.Sequential(
+            nn.Linear(INPUTS, 192), nn.Tanh(), nn.Linear(192, 64), nn.Tanh(),
+            nn.Linear(64, CLASSES),
+        )  # fmt: skip
+        x = torch.randn(m, INPUTS)
+        y = torch.randint(0, CLASSES, (m,))
+    else:
+        model = Passages()
+        lengths = torch.randint(5, LENGTH + 1, (m, 1))
+        x = torch.randint(1, VOCAB, (m, LENGTH)) * (torch.arange(LENGTH) < lengths)
+        y = torch.randint(0, TARGETS, (m,))
+    model = model.to(device)
     space = ParamSpace.of(model, [n for n, _ in model.named_parameters()])
     s = torch.randn(q, space.size, device=device)
     return model, TensorDataset(x, y), space, s
@@ -66,9 +94,11 @@ def matmul_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def one(method: str, m: int, q: int, device: str, batch_size: int, naive_m: int) -> dict:
+def one(
+    method: str, m: int, q: int, device: str, batch_size: int, naive_m: int, model_name: str
+) -> dict:
     """Run one method in this process; time, scores checksum and peak memory."""
-    model, data, space, s = model_and_data(m, q, device)
+    model, data, space, s = model_and_data(m, q, device, model_name)
     # first use of torch.func imports torch._dynamo (~1.5 s): a once-per-process cost that the
     # pipeline pays before the pass anyway, so it is paid here before the clock starts
     torch.func.grad(lambda v: (v * v).sum())(torch.ones(2))
@@ -125,6 +155,8 @@ def spawn(method: str, args, m: int) -> dict:
         str(args.batch_size),
         "--naive-m",
         str(args.naive_m or m),
+        "--model",
+        args.model,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -136,6 +168,7 @@ def main() -> None:
     parser.add_argument("--q", type=int, default=32, help="test-side vectors")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--model", default="mlp", choices=["mlp", "passages"])
     parser.add_argument(
         "--naive-m",
         type=int,
@@ -155,6 +188,7 @@ def main() -> None:
                     args.device,
                     args.batch_size,
                     min(args.naive_m, int(args.m)),
+                    args.model,
                 )
             )
         )
@@ -169,7 +203,7 @@ def main() -> None:
         fast = spawn("fast", args, m)
         p = fast["params"]
         floor = 2 * args.q * m * p / rate
-        print(f"m={m} Q={args.q} p={p}")
+        print(f"{args.model}: m={m} Q={args.q} p={p}")
         print(
             f"  streaming pass : {fast['seconds']:8.2f} s   peak RSS {fast['peak_rss_mib']:.0f} "
             f"MiB"
