@@ -76,7 +76,7 @@ class EKFAC:
         for batch in self._progress(batches(dataset, self.batch_size, device), "EK-FAC factors"):
             _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
             for module, a, g in calls:
-                a_cov, s_cov = self._covariances(module, a, g)
+                a_cov, s_cov = self._covariances(self._block(module), a, g)
                 slot = factors[id(module)]
                 slot[0] = a_cov if slot[0] is None else slot[0] + a_cov
                 slot[1] = s_cov if slot[1] is None else slot[1] + s_cov
@@ -126,24 +126,23 @@ class EKFAC:
     def _block_by_id(self, key: int) -> _Block:
         return next(b for b in self.blocks if id(b.module) == key)
 
-    def _inputs(self, block_or_module, a: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:
         """Linear inputs [B, N, in], with a column of ones when the bias is in the space."""
-        module = getattr(block_or_module, "module", block_or_module)
-        block = self._block(module)
         a = a.reshape(a.shape[0], -1, a.shape[-1])
         if block.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
         return a
 
-    def _covariances(self, module, a, g):
-        """Summed A = sum a a^T (Embedding: token counts) and S = sum g g^T of one call."""
-        if isinstance(module, nn.Embedding):
+    def _covariances(self, block: _Block, a, g):
+        """Summed A = sum a a^T (None for an Embedding) and S = sum g g^T of one call."""
+        if isinstance(block.module, nn.Embedding):
             idx = a.reshape(-1)
             g = g.reshape(idx.shape[0], -1)
-            if module.padding_idx is not None:
-                g = g * (idx != module.padding_idx).unsqueeze(-1)
+            if block.module.padding_idx is not None:
+                g = g * (idx != block.module.padding_idx).unsqueeze(-1)
             return None, g.T @ g
-        a = self._inputs(module, a)
+        a = self._inputs(block, a)
         a = a.reshape(-1, a.shape[-1])
         g = g.reshape(-1, g.shape[-1])
         return a.T @ a, g.T @ g
