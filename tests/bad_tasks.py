@@ -66,5 +66,5 @@ class ItemInLoss(TinyTask):
     def pretrain_loss(self, model, batch):
         loss = super().pretrain_loss(model, batch)
         if loss.requires_grad:  # fine for a plain forward, breaks inside torch.func transforms
-            float(loss.sum())
+            loss.sum().item()
         return loss
