@@ -112,7 +112,7 @@ class Objective:
         space: ParamSpace,
         reg: torch.Tensor,
         batch_size: int = 512,
-        rhs_chunk: int = 256,
+        rhs_chunk: int | None = None,
     ):
         self.model, self.loss_fn = model, loss_fn
         self.space = space
@@ -122,7 +122,9 @@ class Objective:
         self.device = self.theta.device
         self.reg = reg.to(self.theta)
         self.batch_size = batch_size
-        self.rhs_chunk = rhs_chunk
+        # vectors per vmapped product: many for small models (fewer, larger kernels), few for
+        # large ones, whose per-vector activations would otherwise take gigabytes
+        self.rhs_chunk = rhs_chunk or max(1, min(256, 2**22 // max(1, space.size)))
         self.loss = functional_loss(model, loss_fn, space)
 
     @property
