@@ -110,7 +110,7 @@ def supported(module: nn.Module, ids: set[int]) -> bool:
 def _linear(a, g, s_w, s_b, q):
     """sum_n g_n^T S_w a_n (+ sum_n g_n . s_b) for every example and every row: [Q, B].
 
-    s_w is the weight block laid out [Q * out, in] (contiguous), s_b the bias block [Q, out].
+    s_w is the weight block [Q, out, in] (contiguous), s_b the bias block [Q, out].
     """
     batch = a.shape[0]
     a = a.reshape(batch, -1, a.shape[-1])
@@ -118,7 +118,7 @@ def _linear(a, g, s_w, s_b, q):
     out = torch.zeros(q, batch, dtype=g.dtype, device=g.device)
     if s_w is not None:
         if a.shape[1] == 1:  # one position: (a S^T) . g, a single matrix product over Q rows
-            y = (a[:, 0] @ s_w.T).view(batch, q, -1)  # [B, Q, out]
+            y = (a[:, 0] @ s_w.view(-1, s_w.shape[-1]).T).view(batch, q, -1)  # [B, Q, out]
             out += torch.bmm(y, g[:, 0, :, None])[..., 0].T
         else:  # several positions: form the layer's per-example gradient, then one product
             per_example = torch.einsum("bno,bni->boi", g, a).reshape(batch, -1)
@@ -158,10 +158,8 @@ class Contraction:
         for m in self.modules:
             for p in (m.weight, getattr(m, "bias", None)):
                 if p is not None and id(p) in by_id:
-                    block = blocks[by_id[id(p)]]
-                    if p is m.weight and isinstance(m, nn.Linear):
-                        block = block.reshape(self.q * p.shape[0], p.shape[1])
-                    self.s_by_param[id(p)] = block.contiguous()
+                    # contiguous [Q, *shape]: a weight tied between layers is one block
+                    self.s_by_param[id(p)] = blocks[by_id[id(p)]].contiguous()
                     covered.add(by_id[id(p)])
         self.layer_params = [n for n in space.names if n in covered]
         left = [n for n in space.names if n not in covered]

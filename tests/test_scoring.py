@@ -110,3 +110,27 @@ def test_pass_refuses_non_finite_scores():
     s[0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite influence scores"):
         streamed(model, data, space, s)
+
+
+class TiedNet(nn.Module):
+    """An embedding whose weight is also the output layer's (tied input/output words)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.out = nn.Linear(6, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.emb(tokens)).mean(1))
+
+
+def test_weight_tied_between_embedding_and_linear_layers():
+    torch.manual_seed(0)
+    model = TiedNet().double()
+    data = TensorDataset(torch.randint(0, 20, (23, 5)), torch.randint(0, 20, (23,)))
+    space = ParamSpace.of(model, ["emb.weight"])
+    s = torch.randn(3, space.size, dtype=torch.float64)
+    result, fast = streamed(model, data, space, s)
+    assert result.path == "layers"
+    torch.testing.assert_close(fast, naive_scores(model, loss_fn, data, space, s))
