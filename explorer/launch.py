@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from explorer.targets import target_problem
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 APP = PACKAGE_DIR / "app.py"
@@ -68,13 +71,42 @@ def start(target: Path, port: int | None = None, **popen_kwargs) -> tuple[subpro
     return process, port
 
 
+def port_problem(port) -> str | None:
+    """Why the explorer cannot listen on 127.0.0.1:`port`, as one sentence, or None."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        return f"port {port!r} is not an integer"
+    if not 1 <= port <= 65535:
+        return f"port {port} is out of range: give a port from 1 to 65535"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as tornado does: a port whose last connection is closing (TIME_WAIT) is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on 127.0.0.1 is already in use: pick another with --port"
+            if exc.errno == errno.EACCES:
+                return f"port {port} needs privileges this user lacks: pick one above 1023"
+            return f"port {port} cannot be opened on 127.0.0.1 ({exc.strerror or exc})"
+    return None
+
+
 def serve(target: Path, port: int | None = None) -> int:
     """Run the explorer on `target` (a run directory or a folder of runs) until interrupted;
-    returns streamlit's exit code."""
+    returns streamlit's exit code, or 2 after one sentence on stderr when the target cannot be
+    shown or the port cannot be used (checked before streamlit starts)."""
+    problem = target_problem(Path(target).expanduser())
+    if problem is None and port is not None:
+        problem = port_problem(port)
+    if problem is not None:
+        print(f"msif explore: {problem}", file=sys.stderr)
+        return 2
     process, port = start(Path(target), port or preferred_port())
     try:
         wait_until_healthy(port, process)
         warm_up(port)
+        if process.poll() is not None:  # another server answered on the port, ours exited
+            raise RuntimeError(f"the explorer exited with code {process.returncode}")
         print(f"msif explorer on http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)
         return process.wait()
     except RuntimeError as exc:  # streamlit exited, or never answered

@@ -1,8 +1,11 @@
-"""Shared presentation: colours, thumbnails and example cards (HTML built from escaped data).
+"""Shared presentation: colours, thumbnails, example cards and literal notes (HTML built from
+escaped data).
 
-Everything that comes from a run (text, label names) goes through `html.escape`, so HTML and
-markdown in the data are shown exactly as typed. Small images are scaled up without blurring
-(CSS `image-rendering: pixelated`).
+Everything that comes from a run or from the URL (text, label and scenario names, run folders,
+manifest values) is shown as text, never as Markdown or HTML: it goes through `html.escape`
+into `st.html` (`note`, `heading`, `caption`, the cards), or through `markdown_literal` where a
+widget renders its labels as Markdown. Small images are scaled up without blurring (CSS
+`image-rendering: pixelated`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 import re
 
 import pandas as pd
+import streamlit as st
 from PIL import Image
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -79,6 +83,14 @@ CSS = f"""
 .msif-harmful-word {{ color: {HARMFUL}; font-weight: 600; }}
 .msif-ok {{ color: {HELPFUL}; }}
 .msif-bad {{ color: {HARMFUL}; }}
+.msif-note {{ padding: 16px; border-radius: 8px; font-size: 16px; line-height: 1.5;
+  white-space: pre-wrap; overflow-wrap: anywhere; }}
+.msif-note-info {{ background: #edf5ff; color: #244fb4; }}
+.msif-note-warning {{ background: #fffae5; color: #956b0f; }}
+.msif-note-error {{ background: #fff1f2; color: #9e303b; }}
+.msif-h3 {{ font-size: 28px; font-weight: 600; line-height: 1.2; padding: 12px 0 16px 0;
+  margin: 0; color: #262730; overflow-wrap: anywhere; }}
+.msif-caption {{ font-size: 14px; color: rgba(38, 39, 48, 0.6); overflow-wrap: anywhere; }}
 </style>
 """
 
@@ -204,3 +216,49 @@ def list_header(kind: str, subtitle: str) -> str:
         f'<div class="msif-{kind}"><div class="msif-title">{title}</div>'
         f'<div class="msif-sub">{html.escape(subtitle)}</div></div>'
     )
+
+
+# --- Text from a run or the URL, shown literally ----------------------------------------------
+
+NOTE_KINDS = ("info", "warning", "error")
+
+
+def literal_html(text, css_class: str, tag: str = "div", role: str | None = None) -> str:
+    """`text` as one HTML element whose content reads exactly as typed (escaped, so no tag,
+    entity, Markdown, directive or formula in it means anything)."""
+    attribute = f' role="{role}"' if role else ""
+    return f'<{tag} class="{css_class}"{attribute}>{html.escape(str(text))}</{tag}>'
+
+
+def note(kind: str, text, where=None) -> None:
+    """An info, warning or error box (`kind`) showing `text` literally; `where` is a container
+    such as st.sidebar (default: the main area)."""
+    if kind not in NOTE_KINDS:
+        raise ValueError(f"note kind must be one of {NOTE_KINDS}, not {kind!r}")
+    role = "status" if kind == "info" else "alert"
+    (where or st).html(literal_html(text, f"msif-note msif-note-{kind}", role=role))
+
+
+def heading(text, where=None) -> None:
+    """A section heading (as st.subheader) showing `text` literally."""
+    (where or st).html(literal_html(text, "msif-h3", tag="h3"))
+
+
+def caption(text, where=None) -> None:
+    """Small grey text (as st.caption) showing `text` literally."""
+    (where or st).html(literal_html(text, "msif-caption"))
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def markdown_literal(text) -> str:
+    """`text` for a widget that renders its labels as Markdown (st.segmented_control options):
+    every ASCII punctuation character backslash-escaped, which CommonMark shows as itself, so
+    no emphasis, directive (:red[...], :material/...:), formula, link or tag is formed."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
+def plotly_text(text) -> str:
+    """`text` for plotly labels and legends, which render a few tags (<b>, <a href>)."""
+    return html.escape(str(text))

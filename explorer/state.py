@@ -1,6 +1,7 @@
 """The page state lives in the URL: `?test=ID&scenario=S&k=K&view=V` (plus `example=ID` for an
-opened pretraining example and `run=` for a folder of runs), so every view is a link that can
-be sent to someone.
+opened pretraining example, `run=` for a folder of runs, and the map's `zoom=x0,x1,y0,y1`, the
+search's `find=` and the comparison's `vs=`), so every view is a link that can be sent to
+someone.
 
 Widgets never own the state: they write `st.query_params` in their callbacks, and each rerun
 reads the selection back from the URL.
@@ -21,7 +22,7 @@ VIEWS = {
     "tests": "All tests",
     "distribution": "Score distribution",
     "classes": "Per class",
-    "compare": "Fixed vs updated",
+    "compare": "Compare",
     "false_transfer": "False transfer",
     "provenance": "Provenance",
 }
@@ -62,7 +63,8 @@ def _int(value: str | None) -> int | None:
 
 def read_selection(run: Run) -> tuple[Selection, list[str]]:
     """The selection in the URL, validated against the run; the URL is rewritten to the
-    values shown. The second value lists what in the URL could not be used, as sentences."""
+    values shown. The second value lists what in the URL could not be used, as sentences of
+    plain text (show them with explorer.render.note, never as Markdown)."""
     params = st.query_params
     notes = []
 
@@ -70,7 +72,7 @@ def read_selection(run: Run) -> tuple[Selection, list[str]]:
     scenario = params.get("scenario")
     if scenario not in scenarios:
         if scenario is not None:
-            notes.append(f"Scenario {scenario!r} is not in this run; showing {scenarios[0]!r}.")
+            notes.append(f'Scenario "{scenario}" is not in this run; showing "{scenarios[0]}".')
         scenario = scenarios[0]
 
     test_ids = run.test.index
@@ -92,7 +94,7 @@ def read_selection(run: Run) -> tuple[Selection, list[str]]:
 
     view = params.get("view", DEFAULT_VIEW)
     if view not in VIEWS:
-        notes.append(f"There is no view {view!r}; showing the main view.")
+        notes.append(f'There is no view "{view}"; showing the main view.')
         view = DEFAULT_VIEW
 
     example = _int(params.get("example"))
@@ -144,3 +146,17 @@ def set_param(name: str, widget_key: str) -> None:
         st.query_params[name] = str(int(value) if isinstance(value, float) else value)
     elif name in st.query_params:
         del st.query_params[name]
+
+
+def param(name: str) -> str | None:
+    """A URL parameter outside the selection (e.g. the map's `zoom`, the search's `find`)."""
+    return st.query_params.get(name)
+
+
+def set_url(name: str, value: str | None) -> None:
+    """Set (or, given None, remove) the URL parameter `name`; usable from callbacks."""
+    if value is None:
+        if name in st.query_params:
+            del st.query_params[name]
+    elif st.query_params.get(name) != value:
+        st.query_params[name] = value

@@ -45,6 +45,8 @@ _WORDS = {
 }
 _TRICKY = ("<b>x</b> **y**", "<script>alert(1)</script>", "# not a heading", "`code` & <i>it</i>")
 
+PRETRAIN_ROWS_PER_GROUP = 20_000
+
 # Which class each class is most often confused with (the source of harmful examples).
 _CONFUSED = {0: 6, 1: 7, 2: 3, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
 
@@ -93,10 +95,15 @@ def _text_row(label: int, index: int, rng: np.random.Generator) -> str:
 
 
 def _examples(
-    n: int, n_classes: int, centres: np.ndarray, images: bool, size: int, rng: np.random.Generator
+    n: int,
+    n_classes: int,
+    centres: np.ndarray,
+    images: bool,
+    size: int,
+    rng: np.random.Generator,
+    names: tuple[str, ...],
 ) -> pd.DataFrame:
     labels = rng.integers(0, n_classes, size=n)
-    names = CLASS_NAMES if images else _TOPICS
     xy = centres[labels] + rng.normal(scale=0.9, size=(n, 2))
     return pd.DataFrame(
         {
@@ -152,23 +159,29 @@ def write_synthetic_run(
     seed: int = 0,
     image_size: int = 8,
     validation: bool = True,
+    class_names: tuple[str, ...] | None = None,
+    manifest: dict | None = None,
 ) -> Path:
     """Write a complete synthetic run to `out` with RunWriter and return its path.
 
     images=True: 10 digit classes, `image_size`x`image_size` grayscale PNGs, text null.
     images=False: 4 topics of text rows (some with HTML/markdown), image_png null.
     full_scores=False leaves out scores.parquet (the explorer then falls back to top.parquet).
+    class_names replaces the label names (10 for images, 4 for text); `manifest` entries are
+    added to (or replace) the written manifest's, e.g. {"unconverged_tests": {...}}.
     """
     rng = np.random.default_rng(seed)
     n_classes = 10 if images else len(_TOPICS)
     angles = np.linspace(0, 2 * np.pi, n_classes, endpoint=False)
     centres = np.stack([6 * np.cos(angles), 6 * np.sin(angles)], axis=1)
 
-    pretrain = _examples(n_pretrain, n_classes, centres, images, image_size, rng)
+    names = tuple(class_names or (CLASS_NAMES if images else _TOPICS))
+    if len(names) != n_classes:
+        raise ValueError(f"class_names needs {n_classes} names, got {len(names)}")
+    pretrain = _examples(n_pretrain, n_classes, centres, images, image_size, rng, names)
     pretrain.insert(0, "pretrain_id", np.arange(n_pretrain, dtype=np.int64))
-    test = _examples(n_test, n_classes, centres, images, image_size, rng)
+    test = _examples(n_test, n_classes, centres, images, image_size, rng, names)
     test.insert(0, "test_id", np.arange(n_test, dtype=np.int64))
-    names = CLASS_NAMES if images else _TOPICS
     if images:
         confused = np.array([_CONFUSED[c] for c in range(n_classes)])
     else:
@@ -231,7 +244,9 @@ def write_synthetic_run(
             writer.close()
 
         top = pd.concat(tops, ignore_index=True)
-        run.write_table("pretrain", pretrain)
+        # row groups as the engine writes them (precompute.tables.DESCRIBE_CHUNK), so the
+        # explorer reads a few examples' text without decoding the whole column
+        run.write_table("pretrain", pretrain, row_group_size=PRETRAIN_ROWS_PER_GROUP)
         run.write_table("test", test)
         run.write_table("predictions", pd.concat(predictions, ignore_index=True))
         run.write_table("top", top)
@@ -264,5 +279,6 @@ def write_synthetic_run(
                 "timings_s": {"pretrain_pass": 0.0, "test_side": 0.0, "umap": 0.0},
                 "versions": {"msif": "synthetic"},
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **(manifest or {}),
             }
         )

@@ -1,9 +1,21 @@
-"""Inverse-Hessian solves with many right-hand sides: X = (H + d I)^{-1} B, row by row.
+"""Inverse-curvature solves with many right-hand sides: X = (C + d I)^{-1} B, row by row.
 
-A solver is a function of (hvp, rhs) -> (solution, info): `hvp` maps vectors [Q, p] to H @ each row
-(H symmetric), `rhs` is B [Q, p]. All test points are solved together: one factorisation
-(`exact`) or one block of conjugate-gradient iterations whose Hessian-vector products are
-batched over the right-hand sides (`cg`).
+C is the curvature of an objective (precompute.objective.Objective: its Hessian or its
+Gauss-Newton matrix, plus the regulariser), d >= 0 the damping, B [Q, p] the stacked test-side
+vectors. All test points are solved together.
+
+Every solver has one signature, (objective, rhs, config) -> (solution, info), and sits in one
+table, `SOLVER_TABLE`, from which the command line's choices are built:
+- `exact`: the explicit matrix and one eigendecomposition; reports negative eigenvalues.
+- `cg`: conjugate gradients, each row its own Krylov space, one batched curvature product per
+  iteration over the rows not yet converged.
+- `pcg`: block conjugate gradients preconditioned by the EK-FAC inverse, the rows sharing one
+  Krylov space (see `block_pcg`).
+- `ekfac`: the EK-FAC approximation's inverse (precompute.ekfac), no iterations.
+The damping rule and the common fields of the info come from `damping_for` and `solve_info`.
+The iterative solvers' infos also carry what precompute.health checks: `tolerance`,
+`iterations`, `max_relative_residual`, `unconverged_rows`, `negative_curvature_rows` and
+`min_curvature`.
 """
 
 from __future__ import annotations
@@ -14,23 +26,87 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-Hvp = Callable[[torch.Tensor], torch.Tensor]
+from precompute.objective import CURVATURES
 
-SOLVERS = ("auto", "exact", "cg", "ekfac")
+Hvp = Callable[[torch.Tensor], torch.Tensor]
+Precondition = Callable[[torch.Tensor], torch.Tensor]
+
 EXACT_MAX_PARAMS = 4096  # `auto` builds the explicit Hessian up to this many parameters
+EXACT_MAX_WORK = 5 * 10**7  # ... and up to this many parameters x training examples
 AUTO_DAMPING = 1e-3  # `auto` damping, relative to the mean Hessian eigenvalue
+PROBES = 16  # Rademacher probes of the Hutchinson estimate of the mean eigenvalue
 
 
 @dataclass
 class SolveConfig:
     solver: str = "auto"
     damping: float | str = "auto"  # absolute d >= 0, or "auto"
-    cg_tol: float = 1e-6  # relative residual |B - (H + dI) X| / |B| per right-hand side
+    cg_tol: float = 1e-6  # relative residual |B - (C + dI) X| / |B| per right-hand side
     cg_max_iter: int = 500
+    curvature: str = "hessian"  # hessian | ggn: the matrix C (see precompute.objective)
+
+
+# ---- the shared pieces: damping and info ------------------------------------------------
+
+
+def damping_for(damping: float | str, mean: float | None, smallest: float | None = None) -> float:
+    """d for a setting: a number as given; "auto" is AUTO_DAMPING * |mean eigenvalue|, plus
+    -smallest when the smallest eigenvalue is known and negative (so C + dI is positive
+    definite)."""
+    if damping != "auto":
+        return float(damping)
+    return AUTO_DAMPING * abs(mean or 0.0) + max(0.0, -(smallest or 0.0))
+
+
+def solve_info(
+    solver: str, size: int, d: float, mean: float | None, curvature: str = "hessian", **extra
+) -> dict:
+    """The fields every solver reports: its name, the parameter count, the curvature, the
+    damping (absolute and relative to the mean eigenvalue, where known)."""
+    return {
+        "solver": solver,
+        "params": size,
+        "curvature": curvature,
+        "damping": d,
+        "damping_relative": d / mean if mean else None,
+        "mean_eigenvalue": mean,
+        **extra,
+    }
+
+
+def _iterative_info(residual, rhs, tol, iterations, negative, lowest) -> dict:
+    """Convergence fields of an iterative solve (checked by precompute.health), from the final
+    residual rows [Q, p]."""
+    tiny = torch.finfo(rhs.dtype).tiny
+    relative = residual.norm(dim=1) / rhs.norm(dim=1).clamp_min(tiny)
+    unconverged = (relative > tol) | negative
+    return {
+        "iterations": iterations,
+        "tolerance": tol,
+        "max_relative_residual": relative.max().item() if len(rhs) else 0.0,
+        "unconverged": int(unconverged.sum().item()),
+        "negative_curvature_rows": int(negative.sum().item()),
+        "min_curvature": lowest if iterations else None,
+        "unconverged_rows": unconverged.nonzero().squeeze(1).tolist(),
+    }
+
+
+def mean_eigenvalue(hvp: Hvp, size: int, like: torch.Tensor, probes: int = PROBES) -> float:
+    """Hutchinson estimate of trace(C)/p with Rademacher probes (seeded)."""
+    signs = rademacher(probes, size, like)
+    return (signs * hvp(signs)).sum(1).mean().item() / size
+
+
+def rademacher(probes: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 2, (probes, size), generator=generator).to(like) * 2 - 1
+
+
+# ---- exact ------------------------------------------------------------------------------
 
 
 def explicit_hessian(hvp: Hvp, size: int, like: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """H as a dense [p, p] matrix, from hvp on the identity in chunks, symmetrised."""
+    """C as a dense [p, p] matrix, from products with the identity in chunks, symmetrised."""
     rows = []
     for start in tqdm(
         range(0, size, chunk), desc="explicit Hessian", unit="chunk", leave=False, disable=None
@@ -44,9 +120,9 @@ def explicit_hessian(hvp: Hvp, size: int, like: torch.Tensor, chunk: int = 256) 
 
 
 def solve_exact(hvp: Hvp, rhs: torch.Tensor, damping: float | str) -> tuple[torch.Tensor, dict]:
-    """X = (H + d I)^{-1} B through the eigendecomposition H = V diag(lam) V^T.
+    """X = (C + d I)^{-1} B through the eigendecomposition C = V diag(lam) V^T.
 
-    Damping "auto" is d = 1e-3 * mean(lam), plus -min(lam) when H has negative eigenvalues, so
+    Damping "auto" is d = 1e-3 * mean(lam), plus -min(lam) when C has negative eigenvalues, so
     the damped matrix is positive definite. The eigenvalues found are reported.
     """
     size = rhs.shape[1]
@@ -55,43 +131,36 @@ def solve_exact(hvp: Hvp, rhs: torch.Tensor, damping: float | str) -> tuple[torc
     eigenvalues, eigenvectors = torch.linalg.eigh(hessian.double())
     mean = eigenvalues.mean().item()
     smallest = eigenvalues[0].item()
-    if damping == "auto":
-        d = AUTO_DAMPING * abs(mean) + max(0.0, -smallest)
-    else:
-        d = float(damping)
-    shifted = eigenvalues + d
-    x = ((rhs.double() @ eigenvectors) / shifted) @ eigenvectors.T
-    info = {
-        "solver": "exact",
-        "params": size,
-        "damping": d,
-        "damping_relative": d / mean if mean else None,
-        "mean_eigenvalue": mean,
-        "min_eigenvalue": smallest,
-        "max_eigenvalue": eigenvalues[-1].item(),
-        "negative_eigenvalues": int((eigenvalues < 0).sum().item()),
-    }
+    d = damping_for(damping, mean, smallest)
+    x = ((rhs.double() @ eigenvectors) / (eigenvalues + d)) @ eigenvectors.T
+    info = solve_info(
+        "exact",
+        size,
+        d,
+        mean,
+        min_eigenvalue=smallest,
+        max_eigenvalue=eigenvalues[-1].item(),
+        negative_eigenvalues=int((eigenvalues < 0).sum().item()),
+    )
     return x.to(rhs.dtype), info
 
 
-def mean_eigenvalue(hvp: Hvp, size: int, like: torch.Tensor, probes: int = 16) -> float:
-    """Hutchinson estimate of trace(H)/p with Rademacher probes (seeded)."""
-    generator = torch.Generator().manual_seed(0)
-    signs = torch.randint(0, 2, (probes, size), generator=generator).to(like) * 2 - 1
-    return (signs * hvp(signs)).sum(1).mean().item() / size
+# ---- conjugate gradients, one Krylov space per row ----------------------------------------
 
 
 def solve_cg(
     hvp: Hvp, rhs: torch.Tensor, damping: float | str, tol: float = 1e-6, max_iter: int = 500
 ) -> tuple[torch.Tensor, dict]:
-    """X = (H + d I)^{-1} B by conjugate gradients on all rows at once.
+    """X = (C + d I)^{-1} B by conjugate gradients on all rows at once.
 
-    Each iteration makes one batched Hessian-vector product over the rows not yet converged
-    (relative residual |b - (H + dI) x| / |b| <= tol). Damping "auto" is 1e-3 * the Hutchinson
-    estimate of the mean eigenvalue. A row meeting non-positive curvature stops there.
+    Each iteration makes one batched curvature product over the rows not yet converged
+    (relative residual |b - (C + dI) x| / |b| <= tol). Damping "auto" is 1e-3 * the Hutchinson
+    estimate of the mean eigenvalue. A row meeting non-positive curvature stops there and counts
+    as unconverged. The info lists the unconverged rows and the lowest Rayleigh quotient
+    p^T (C + dI) p / |p|^2 met along the search directions.
     """
     mean = mean_eigenvalue(hvp, rhs.shape[1], rhs)
-    d = AUTO_DAMPING * abs(mean) if damping == "auto" else float(damping)
+    d = damping_for(damping, mean)
 
     def damped(v: torch.Tensor) -> torch.Tensor:
         return hvp(v) + d * v
@@ -103,6 +172,7 @@ def solve_cg(
     target = tol * rhs.norm(dim=1)
     active = rs.sqrt() > target
     negative = torch.zeros(len(rhs), dtype=torch.bool, device=rhs.device)
+    lowest = torch.full((len(rhs),), float("inf"), dtype=rhs.dtype, device=rhs.device)
     iterations = 0
     bar = tqdm(total=max_iter, desc="conjugate gradients", unit="it", leave=False, disable=None)
     while active.any() and iterations < max_iter:
@@ -112,6 +182,9 @@ def solve_cg(
         idx = active.nonzero().squeeze(1)
         ap = damped(p[idx])
         curvature = (p[idx] * ap).sum(1)
+        # p^T (C + dI) p / |p|^2: how far below zero the damped curvature went
+        rayleigh = curvature / (p[idx] * p[idx]).sum(1).clamp_min(torch.finfo(rhs.dtype).tiny)
+        lowest[idx] = torch.minimum(lowest[idx], rayleigh)
         bad = curvature <= 0
         negative[idx[bad]] = True
         alpha = torch.where(bad, torch.zeros_like(curvature), rs[idx] / curvature)
@@ -123,65 +196,219 @@ def solve_cg(
         rs[idx] = rs_new
         active[idx] = (rs_new.sqrt() > target[idx]) & ~bad
     bar.close()
-    relative = rs.sqrt() / rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
-    info = {
-        "solver": "cg",
-        "params": rhs.shape[1],
-        "damping": d,
-        "damping_relative": d / mean if mean else None,
-        "mean_eigenvalue": mean,
-        "iterations": iterations,
-        "tolerance": tol,
-        "max_relative_residual": relative.max().item() if len(rhs) else 0.0,
-        "unconverged": int((relative > tol).sum().item()),
-        "negative_curvature_rows": int(negative.sum().item()),
-    }
+    info = solve_info("cg", rhs.shape[1], d, mean)
+    info.update(_iterative_info(r, rhs, tol, iterations, negative, lowest.min().item()))
     return x, info
 
 
-def solve_ekfac(objective, rhs: torch.Tensor, damping: float | str) -> tuple[torch.Tensor, dict]:
-    """X = (EK-FAC of the data Hessian + diag(reg) + d I)^{-1} B (see precompute.ekfac).
+# ---- block preconditioned conjugate gradients ---------------------------------------------
 
-    Damping "auto" is 1e-3 * the mean eigenvalue of the approximation.
+
+def block_pcg(
+    damped: Hvp,
+    rhs: torch.Tensor,
+    precondition: Precondition,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    first_product: Hvp | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """X = A^{-1} B for a symmetric positive definite A (`damped`, rows in, rows out) by
+    breakdown-free block preconditioned conjugate gradients (O'Leary 1980; Ji & Li 2017).
+
+    All rows share one Krylov space: at step k the search block P_k spans
+    orth(M^{-1} R_k + P_{k-1} beta), M^{-1} = `precondition`, so a row's solution draws on the
+    directions found for every other row, and after k steps X is A-optimal over the block Krylov
+    space of dimension up to k * Q. Each step:
+        alpha = (P^T A P)^{-1} P^T R,   X += P alpha,   R -= A P alpha,
+        Z = M^{-1} R_active,  beta = -(P^T A P)^{-1} (A P)^T Z,  P = orth(Z + P beta),
+    one product with A per step over at most Q rows. Rows whose relative residual |r|/|b| is at
+    most `tol` are frozen (their X and R no longer change), and the new block spans only the
+    active rows' directions; orth() drops directions that are (numerically) dependent, the
+    rank deflation that keeps P^T A P invertible when rows become alike. The eigenvalues of
+    P^T A P are the Rayleigh quotients of A over the block (P orthonormal); a non-positive one
+    means A is not positive definite: the solve stops there, the active rows unconverged.
+    `first_product`, if given, replaces `damped` for the first step only (it may compute more
+    than the product, e.g. a trace estimate on extra rows).
     """
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    norms = rhs.norm(dim=1)
+    target = tol * norms
+    active = r.norm(dim=1) > target
+    negative = torch.zeros(len(rhs), dtype=torch.bool, device=rhs.device)
+    lowest = float("inf")
+    iterations, block_sizes = 0, []
+    p = _orthonormal_rows(precondition(r[active])) if active.any() else None
+    bar = tqdm(total=max_iter, desc="block PCG", unit="it", leave=False, disable=None)
+    while active.any() and iterations < max_iter and p is not None and len(p):
+        iterations += 1
+        block_sizes.append(len(p))
+        bar.update()
+        bar.set_postfix(unconverged=int(active.sum()), block=len(p))
+        ap = (first_product or damped)(p) if iterations == 1 else damped(p)
+        gram = p @ ap.T
+        gram = (gram + gram.T) / 2
+        eigenvalues, vectors = torch.linalg.eigh(gram.double())
+        lowest = min(lowest, eigenvalues[0].item())
+        if eigenvalues[0] <= 0:  # the damped curvature is not positive definite
+            negative |= active
+            break
+        inverse = (vectors / eigenvalues) @ vectors.T  # (P^T A P)^{-1}, [k, k] float64
+        idx = active.nonzero().squeeze(1)
+        alpha = (r[idx].double() @ p.T.double() @ inverse).to(rhs.dtype)  # rows: [n_act, k]
+        x[idx] += alpha @ p
+        r[idx] -= alpha @ ap
+        active[idx] = r[idx].norm(dim=1) > target[idx]
+        if not active.any():
+            break
+        z = precondition(r[active])
+        beta = (z.double() @ ap.T.double() @ inverse).to(rhs.dtype)  # [n_act, k]
+        p = _orthonormal_rows(z - beta @ p)
+    bar.close()
+    info = _iterative_info(r, rhs, tol, iterations, negative, lowest)
+    info["block_sizes"] = block_sizes
+    return x, info
+
+
+def _orthonormal_rows(z: torch.Tensor, rank_tol: float | None = None) -> torch.Tensor:
+    """An orthonormal basis (rows) of the row space of z, without directions whose singular
+    value is below rank_tol (default sqrt(eps) in z's dtype) times the largest: the deflation
+    of block CG."""
+    if not len(z):
+        return z
+    rank_tol = rank_tol if rank_tol is not None else torch.finfo(z.dtype).eps ** 0.5
+    _, s, vh = torch.linalg.svd(z, full_matrices=False)
+    keep = s > rank_tol * s[0]
+    return vh[keep]
+
+
+def solve_pcg_hvp(
+    hvp: Hvp,
+    rhs: torch.Tensor,
+    damping: float | str,
+    precondition: Callable[[torch.Tensor, float], torch.Tensor],
+    tol: float = 1e-6,
+    max_iter: int = 500,
+) -> tuple[torch.Tensor, dict]:
+    """X = (C + d I)^{-1} B by `block_pcg` with M^{-1} = precondition(., d).
+
+    The mean eigenvalue (Hutchinson, for "auto" damping and for the relative damping reported)
+    costs a product with 16 probe rows: computed first when the damping is "auto", and
+    otherwise appended to the first step's block, whose pass over the data it shares.
+    """
+    size = rhs.shape[1]
+    mean: float | None = None
+    if damping == "auto":
+        mean = mean_eigenvalue(hvp, size, rhs)
+    d = damping_for(damping, mean)
+    probes = rademacher(PROBES, size, rhs)
+
+    def first(p: torch.Tensor) -> torch.Tensor:
+        nonlocal mean
+        if mean is not None:
+            return hvp(p) + d * p
+        both = hvp(torch.cat([p, probes]))
+        mean = (probes * both[len(p) :]).sum(1).mean().item() / size
+        return both[: len(p)] + d * p
+
+    x, convergence = block_pcg(
+        lambda v: hvp(v) + d * v,
+        rhs,
+        lambda r: precondition(r, d),
+        tol,
+        max_iter,
+        first_product=first,
+    )
+    if mean is None:  # nothing to solve: no step was taken
+        mean = mean_eigenvalue(hvp, size, rhs)
+    info = solve_info("pcg", size, d, mean)
+    info.update(convergence)
+    return x, info
+
+
+# ---- the table of solvers: (objective, rhs, config) -> (solution, info) ---------------------
+
+
+def _exact(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
+    x, info = solve_exact(objective.hvp, rhs, config.damping)
+    return x, {**info, "curvature": objective.curvature}
+
+
+def _cg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
+    x, info = solve_cg(objective.hvp, rhs, config.damping, config.cg_tol, config.cg_max_iter)
+    return x, {**info, "curvature": objective.curvature}
+
+
+def _pcg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
+    """Block PCG on the objective's curvature, preconditioned by its EK-FAC inverse, fitted
+    once for this objective (two passes over its data)."""
+    from precompute.ekfac import EKFAC
+
+    curvature = EKFAC(objective).fit()
+    x, info = solve_pcg_hvp(
+        objective.hvp, rhs, config.damping, curvature.preconditioner, config.cg_tol,
+        config.cg_max_iter,
+    )  # fmt: skip
+    info.update(curvature=objective.curvature, preconditioner="ekfac", **_ekfac_layout(curvature))
+    return x, info
+
+
+def _ekfac(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
+    """X = (EK-FAC of the data term + diag(reg) + d I)^{-1} B (see precompute.ekfac); damping
+    "auto" is 1e-3 * the mean eigenvalue of the approximation."""
     from precompute.ekfac import EKFAC
 
     curvature = EKFAC(objective).fit()
     mean = curvature.mean_eigenvalue()
-    d = AUTO_DAMPING * abs(mean) if damping == "auto" else float(damping)
-    info = {
-        "solver": "ekfac",
-        "params": rhs.shape[1],
-        "damping": d,
-        "damping_relative": d / mean if mean else None,
-        "mean_eigenvalue": mean,
-        "kronecker_blocks": [b.weight for b in curvature.blocks],
-        "diagonal_params": list(curvature.diagonal_space.names),
-    }
+    d = damping_for(config.damping, mean)
+    # whatever --curvature says, EK-FAC approximates the data term by the empirical Fisher
+    info = solve_info(
+        "ekfac", rhs.shape[1], d, mean, "empirical Fisher (EK-FAC)", **_ekfac_layout(curvature)
+    )
     return curvature.solve(rhs, d), info
 
 
-def resolve(solver: str, size: int, stage: str) -> str:
-    """The solver `auto` stands for: exact up to EXACT_MAX_PARAMS parameters; past that, cg
-    for a finetuning Hessian (its data, the finetuning set, is small) and ekfac for the
-    pretraining Hessian (one pass per iteration over the large pretraining set is too dear)."""
+def _ekfac_layout(curvature) -> dict:
+    return {
+        "kronecker_blocks": [b.weight for b in curvature.blocks],
+        "diagonal_params": list(curvature.diagonal_space.names),
+    }
+
+
+def solve_ekfac(objective, rhs: torch.Tensor, damping: float | str) -> tuple[torch.Tensor, dict]:
+    """`ekfac` for a damping setting (kept for callers of the earlier signature)."""
+    return _ekfac(objective, rhs, SolveConfig("ekfac", damping))
+
+
+SOLVER_TABLE: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {
+    "exact": _exact,
+    "cg": _cg,
+    "pcg": _pcg,
+    "ekfac": _ekfac,
+}
+SOLVERS = ("auto", *SOLVER_TABLE)
+__all__ = ["CURVATURES", "SOLVERS", "SOLVER_TABLE", "SolveConfig", "resolve", "solve"]
+
+
+def resolve(solver: str, size: int, stage: str, examples: int = 0) -> str:
+    """The solver `auto` stands for: exact up to EXACT_MAX_PARAMS parameters when building the
+    explicit matrix (size products over the data) costs at most EXACT_MAX_WORK
+    parameter-examples; past that, pcg for a finetuning system (its data, the finetuning set, is
+    small, and the preconditioned block solve is exact in a few passes) and ekfac for the
+    pretraining Hessian (where each pcg step is a pass over the large pretraining set)."""
     if solver != "auto":
         return solver
-    if size <= EXACT_MAX_PARAMS:
+    if size <= EXACT_MAX_PARAMS and size * examples <= EXACT_MAX_WORK:
         return "exact"
-    return "ekfac" if stage == "pretrain" else "cg"
+    return "ekfac" if stage == "pretrain" else "pcg"
 
 
 def solve(
     objective, rhs: torch.Tensor, config: SolveConfig, stage: str = "finetune"
 ) -> tuple[torch.Tensor, dict]:
-    """(H + d I)^{-1} rhs for the Hessian H of `objective` (an Objective), by config.solver
+    """(C + d I)^{-1} rhs for the curvature C of `objective` (an Objective), by config.solver
     (`auto` resolved by size and stage, see `resolve`)."""
-    solver = resolve(config.solver, rhs.shape[1], stage)
-    if solver == "exact":
-        return solve_exact(objective.hvp, rhs, config.damping)
-    if solver == "cg":
-        return solve_cg(objective.hvp, rhs, config.damping, config.cg_tol, config.cg_max_iter)
-    if solver == "ekfac":
-        return solve_ekfac(objective, rhs, config.damping)
-    raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    solver = resolve(config.solver, rhs.shape[1], stage, objective.n)
+    if solver not in SOLVER_TABLE:
+        raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    return SOLVER_TABLE[solver](objective, rhs, config)

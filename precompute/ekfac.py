@@ -3,16 +3,18 @@ influence functions by Grosse et al. 2023).
 
 The data term of the Hessian is approximated by the empirical Fisher (1/n) sum_i G_i G_i^T,
 block-diagonal over layers. For a layer whose per-example weight gradient is G_i = sum_n g_n a_n^T
-(nn.Linear, with the bias as a column of ones appended to a; nn.Embedding, where a_n is the
-one-hot token), the block's eigenbasis is Q_S (x) Q_A with A = E[a a^T] = Q_A diag Q_A^T and
-S = E[g g^T] = Q_S diag Q_S^T, and its eigenvalues are corrected to the second moments of the
-gradients in that basis: Lambda = (1/n) sum_i (Q_S^T G_i Q_A)^2. Then, per block,
+(the dense rules of precompute.layers: nn.Linear, nn.Conv1d/Conv2d with a_n the unfolded input
+patch under output position n as in KFC (Grosse & Martens 2016), GPT-2's Conv1D; the bias as a
+column of ones appended to a; nn.Embedding, where a_n is the one-hot token), the block's
+eigenbasis is Q_S (x) Q_A with A = sum_{i,n} a a^T = Q_A diag Q_A^T and
+S = sum_{i,n} g g^T = Q_S diag Q_S^T, and its eigenvalues are corrected to the second moments of
+the gradients in that basis: Lambda = (1/n) sum_i (Q_S^T G_i Q_A)^2. Then, per block,
 
     (H + (reg + d) I)^{-1} v = Q_S [(Q_S^T V Q_A) / (Lambda + reg + d)] Q_A^T.
 
-For nn.Embedding, A is diagonal (token counts), so Q_A = I. Parameters outside such layers get a
-diagonal block, (1/n) sum_i g_i^2. Fitted once per objective; every right-hand side then costs a
-few small matrix products.
+A grouped convolution has one such block per group. For nn.Embedding, A is diagonal (token
+counts), so Q_A = I. Parameters outside such layers get a diagonal block, (1/n) sum_i g_i^2.
+Fitted once per objective; every right-hand side then costs a few small matrix products.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from precompute.layers import DenseRule, EmbeddingRule, dense_weight_grads, layer_calls, rules
 from precompute.objective import Objective, ParamSpace, batch_grads, batches, functional_loss
-from precompute.scoring import layer_calls, supported
+
+FIT_BUDGET = 2**26  # entries of the largest per-example tensor of a fitting batch
 
 
 @dataclass
@@ -32,11 +36,12 @@ class _Block:
     """One layer: its parameters' names, the eigenbases and the corrected eigenvalues."""
 
     module: nn.Module
+    rule: DenseRule | EmbeddingRule
     weight: str
     bias: str | None
-    q_s: torch.Tensor | None = None  # [out, out]
-    q_a: torch.Tensor | None = None  # [in(+1), in(+1)], None for an Embedding
-    eigenvalues: torch.Tensor | None = None  # [out, in(+1)] or, for an Embedding, [V, d]
+    q_s: torch.Tensor | None = None  # [groups, out, out] ([d, d] for an Embedding)
+    q_a: torch.Tensor | None = None  # [groups, in(+1), in(+1)], None for an Embedding
+    eigenvalues: torch.Tensor | None = None  # [groups, out, in(+1)] or, for an Embedding, [V, d]
 
 
 class EKFAC:
@@ -50,19 +55,30 @@ class EKFAC:
         params = dict(module_of.named_parameters())
         by_id = {id(params[n]): n for n in space.names}
         uses: dict[int, int] = {}
-        candidates = [m for m in module_of.modules() if supported(m, set(by_id))]
+        candidates = rules(module_of, set(by_id))
         for m in candidates:
             uses[id(m.weight)] = uses.get(id(m.weight), 0) + 1
         self.blocks: list[_Block] = []
-        for m in candidates:
+        for m, rule in candidates.items():
             if uses[id(m.weight)] > 1:  # a tied weight: no single layer owns it
                 continue
             bias = getattr(m, "bias", None)
             bias_name = by_id.get(id(bias)) if bias is not None else None
-            self.blocks.append(_Block(m, by_id[id(m.weight)], bias_name))
+            self.blocks.append(_Block(m, rule, by_id[id(m.weight)], bias_name))
         covered = {b.weight for b in self.blocks} | {b.bias for b in self.blocks if b.bias}
         self.diagonal_space = ParamSpace.of(module_of, [n for n in space.names if n not in covered])
         self.diagonal: torch.Tensor | None = None
+        # examples per batch: more than the objective's while the largest per-example tensor
+        # of the fit (a block's rotated gradients, or the diagonal part's gradients) stays
+        # within FIT_BUDGET entries; a pass over few large batches runs several times faster
+        widest = max([self.diagonal_space.size, *(self._block_size(b) for b in self.blocks)])
+        fits = FIT_BUDGET // max(1, widest)
+        self.batch_size = max(objective.batch_size, min(objective.n, fits))
+
+    def _block_size(self, block: _Block) -> int:
+        params = dict(self.model.named_parameters())
+        bias = params[block.bias].numel() if block.bias else 0
+        return params[block.weight].numel() + bias
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -85,7 +101,7 @@ class EKFAC:
             if s_cov is None:  # the layer never touched the loss
                 continue
             block.q_s = torch.linalg.eigh(s_cov.double())[1].to(s_cov.dtype)
-            if not isinstance(block.module, nn.Embedding):
+            if not isinstance(block.rule, EmbeddingRule):
                 block.q_a = torch.linalg.eigh(a_cov.double())[1].to(a_cov.dtype)
         stream = batches(dataset, self.batch_size, device)
         for batch in self._progress(stream, "EK-FAC eigenvalues"):
@@ -128,41 +144,40 @@ class EKFAC:
 
     @staticmethod
     def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:
-        """Linear inputs [B, N, in], with a column of ones when the bias is in the space."""
-        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        """Dense inputs [B, groups, N, in], with a column of ones when the bias is in the space."""
+        a = block.rule.inputs(a)
         if block.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
         return a
 
     def _covariances(self, block: _Block, a, g):
-        """Summed A = sum a a^T (None for an Embedding) and S = sum g g^T of one call."""
-        if isinstance(block.module, nn.Embedding):
-            idx = a.reshape(-1)
-            g = g.reshape(idx.shape[0], -1)
-            if block.module.padding_idx is not None:
-                g = g * (idx != block.module.padding_idx).unsqueeze(-1)
+        """Summed A = sum a a^T [groups, in, in] (None for an Embedding) and S = sum g g^T
+        [groups, out, out] ([d, d] for an Embedding) of one call, over examples and positions."""
+        if isinstance(block.rule, EmbeddingRule):
+            _, g = block.rule.tokens_and_grads(a, g)
+            g = g.reshape(-1, g.shape[-1])
             return None, g.T @ g
         a = self._inputs(block, a)
-        a = a.reshape(-1, a.shape[-1])
-        g = g.reshape(-1, g.shape[-1])
-        return a.T @ a, g.T @ g
+        g = block.rule.outputs(g)
+        return (
+            torch.einsum("bgni,bgnj->gij", a, a),
+            torch.einsum("bgno,bgnp->gop", g, g),
+        )
 
-    def _rotated_gradients(self, block: _Block, a, g, budget: int = 2**25) -> torch.Tensor:
-        """Q_S^T G_i Q_A for every example i of the batch: [B, out, in(+1)] or [B, V, d]."""
+    def _rotated_gradients(self, block: _Block, a, g) -> torch.Tensor:
+        """Q_S^T G_i Q_A for every example i: [B, groups, out, in(+1)], or [B, V, d]."""
         batch = a.shape[0]
-        if isinstance(block.module, nn.Embedding):
-            idx = a.reshape(batch, -1)
-            gq = g.reshape(batch, idx.shape[1], -1) @ block.q_s  # [B, N, d]
-            if block.module.padding_idx is not None:
-                gq = gq * (idx != block.module.padding_idx).unsqueeze(-1)
+        if isinstance(block.rule, EmbeddingRule):
+            idx, g = block.rule.tokens_and_grads(a, g)
+            gq = g @ block.q_s  # [B, N, d]
             vocab = block.module.num_embeddings
             out = torch.zeros(batch * vocab, gq.shape[-1], dtype=gq.dtype, device=gq.device)
             rows = (torch.arange(batch, device=idx.device)[:, None] * vocab + idx).reshape(-1)
             out.index_add_(0, rows, gq.reshape(-1, gq.shape[-1]))
             return out.view(batch, vocab, -1)
-        a = self._inputs(block, a) @ block.q_a  # [B, N, in]
-        g = g.reshape(batch, -1, g.shape[-1]) @ block.q_s  # [B, N, out]
-        return torch.einsum("bno,bni->boi", g, a)
+        a = self._inputs(block, a) @ block.q_a  # [B, groups, N, in]
+        g = block.rule.outputs(g) @ block.q_s  # [B, groups, N, out]
+        return dense_weight_grads(a, g)
 
     # ---- solving ------------------------------------------------------------------------
     def mean_eigenvalue(self) -> float:
@@ -175,6 +190,15 @@ class EKFAC:
             total += self.diagonal.sum().item()
         return (total + self.objective.reg.sum().item()) / self.objective.size
 
+    def preconditioner(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+        """M^{-1} r = (EK-FAC + diag(reg) + d I)^{-1} r for every row r of rhs: the
+        preconditioner of `pcg`. Where reg + d is zero the shift is raised to 1e-6 * the mean
+        eigenvalue, so that M stays positive definite on directions without data curvature (any
+        positive definite M keeps the solve exact; it only changes the iterations)."""
+        if (self.objective.reg.min().item() + damping) <= 0:
+            damping = max(damping, 1e-6 * abs(self.mean_eigenvalue()))
+        return self.solve(rhs, damping)
+
     def solve(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
         """(EK-FAC + diag(reg) + d I)^{-1} applied to every row of rhs [Q, p]."""
         space, reg = self.objective.space, self.objective.reg
@@ -184,20 +208,31 @@ class EKFAC:
         q = rhs.shape[0]
         for block in self.blocks:
             shift = blocks_reg[block.weight].reshape(-1)[0] + damping
-            v = blocks_rhs[block.weight].reshape(q, *blocks_rhs[block.weight].shape[1:])
+            v = blocks_rhs[block.weight]  # [Q, *shape]
+            if isinstance(block.rule, EmbeddingRule):
+                if block.q_s is None:  # no data curvature: the regulariser alone
+                    out[block.weight] = v / shift
+                else:
+                    x = ((v @ block.q_s) / (block.eigenvalues + shift)) @ block.q_s.T
+                    out[block.weight] = x
+                continue
+            v = block.rule.to_matrix(v)  # [Q, groups, out, in]
             if block.bias is not None:
-                v = torch.cat([v, blocks_rhs[block.bias][..., None]], -1)
-            if block.q_s is None:  # no data curvature: the regulariser alone
+                bias = block.rule.bias_to_matrix(blocks_rhs[block.bias])
+                v = torch.cat([v, bias[..., None]], -1)
+            if block.q_s is None:
                 x = v / shift
-            elif isinstance(block.module, nn.Embedding):
-                x = ((v @ block.q_s) / (block.eigenvalues + shift)) @ block.q_s.T
             else:
-                rotated = block.q_s.T @ v @ block.q_a
-                x = block.q_s @ (rotated / (block.eigenvalues + shift)) @ block.q_a.T
+                rotated = block.q_s.transpose(-1, -2) @ v @ block.q_a
+                x = (
+                    block.q_s
+                    @ (rotated / (block.eigenvalues + shift))
+                    @ block.q_a.transpose(-1, -2)
+                )
             if block.bias is not None:
-                out[block.weight], out[block.bias] = x[..., :-1], x[..., -1]
-            else:
-                out[block.weight] = x
+                x, bias = x[..., :-1], x[..., -1]
+                out[block.bias] = bias.reshape(q, -1)
+            out[block.weight] = block.rule.from_matrix(x)
         if self.diagonal_space.names:
             left = torch.cat([blocks_rhs[n].reshape(q, -1) for n in self.diagonal_space.names], 1)
             left_reg = torch.cat([blocks_reg[n].reshape(-1) for n in self.diagonal_space.names])

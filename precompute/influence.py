@@ -6,6 +6,18 @@ For a test example t with loss l_t at the finetuned parameters of the scenario:
 - UPDATED: u_t = a [K^{-1} grad_{W,T} l_t]_W, K over (W, T) with (lf + a) I on the W block.
 Pretraining side, shared: s_t = H_G^{-1} [u_t ; 0_U], and
 score(z, t) = (1/m) s_t . grad_{W,U} g(z) (see precompute.scoring).
+
+Every inverse (K^{-1}, H_G^{-1}) is a solve with the curvature `config.curvature` names: the true
+Hessian, or the Gauss-Newton matrix (precompute.objective) for models trained short of an
+optimum; the regulariser and proximal terms are quadratic, so they enter both exactly. The mixed
+term M^T v of the FIXED scenario is always the true second derivative: it is a product, not an
+inverse, so an indefinite M does no harm, and the part the GGN would drop,
+sum_j (dh/df)_j d2f_j/dT dW, is not small where the head reads the shared features (for a linear
+head it is of the order of the residuals, like the GGN part itself).
+
+Single-stage influence (Koh & Liang) is the FIXED scenario of a task whose every parameter is
+shared (U and T empty) and whose finetuned model is the pretrained one: then u_t = grad l_t and
+score(z, t) = (1/m) grad l_t . H_G^{-1} grad g(z).
 """
 
 from __future__ import annotations
@@ -16,7 +28,9 @@ import torch
 from torch.utils.data import Dataset
 
 from precompute.curvature import SolveConfig, solve
+from precompute.gauss_newton import loss_split
 from precompute.objective import (
+    LossFn,
     Objective,
     ParamSpace,
     batches,
@@ -50,6 +64,29 @@ def trainable_names(
     return [n for n, g in zip(names, grads, strict=True) if g is not None]
 
 
+def curvature_objective(
+    task: MultiStageTask,
+    stage: str,
+    model: torch.nn.Module,
+    data: Dataset,
+    space: ParamSpace,
+    reg: torch.Tensor,
+    config: SolveConfig,
+    batch_size: int,
+) -> Objective:
+    """The objective of a `stage` ("pretrain" or "finetune") system whose inverse is solved, with
+    the curvature of `config`; for "ggn", the task's loss split (precompute.gauss_newton),
+    checked on a first batch of `data`."""
+    loss_fn: LossFn = getattr(task, f"{stage}_loss")
+    split = None
+    if config.curvature == "ggn":
+        first = next(batches(data, min(8, len(data)), next(model.parameters()).device))
+        split = loss_split(task, stage, model, first)
+    return Objective(
+        model, loss_fn, data, space, reg, batch_size, curvature=config.curvature, split=split
+    )
+
+
 def scenario_vectors(
     task: MultiStageTask,
     scenario: str,
@@ -77,16 +114,11 @@ def scenario_vectors(
     if scenario == "fixed":
         if head.size == 0:
             return grad_w, {"solver": "none", "params": 0}
-        k = Objective(
-            model,
-            task.finetune_loss,
-            train,
-            head,
-            torch.full((head.size,), lf, dtype=torch.float64),
-            batch_size,
-        )
+        reg = torch.full((head.size,), lf, dtype=torch.float64)
+        k = curvature_objective(task, "finetune", model, train, head, reg, config, batch_size)
         y, info = solve(k, grad_t, config)
-        # M^T y = [d2F/d(W,T)2 @ (0, y)]_W; the regulariser has no (W, T) cross term
+        # M^T y = [d2F/d(W,T)2 @ (0, y)]_W, the true Hessian's block whatever the curvature of
+        # K (see the module docstring); the regulariser has no (W, T) cross term
         mixed = Objective(
             model,
             task.finetune_loss,
@@ -106,7 +138,7 @@ def scenario_vectors(
                 torch.full((head.size,), lf, dtype=torch.float64),
             ]
         )
-        k = Objective(model, task.finetune_loss, train, joint, reg, batch_size)
+        k = curvature_objective(task, "finetune", model, train, joint, reg, config, batch_size)
         r, info = solve(k, grads, config)
         r_w, _ = joint.split(r, len(shared.names))
         return a * r_w, info
@@ -124,6 +156,7 @@ def pretrain_vectors(
     """s_t = H_G^{-1} [u_t ; 0_U] for the stacked rows of u [Q, |W|]; returns [Q, |W| + |U|]."""
     space = spaces.shared + spaces.pretrain_only
     reg = torch.full((space.size,), float(task.pretrain_l2), dtype=torch.float64)
-    h_g = Objective(model, task.pretrain_loss, task.pretrain_data(), space, reg, batch_size)
+    data = task.pretrain_data()
+    h_g = curvature_objective(task, "pretrain", model, data, space, reg, config, batch_size)
     rhs = torch.cat([u, u.new_zeros(len(u), spaces.pretrain_only.size)], dim=1)
     return solve(h_g, rhs, config, stage="pretrain")

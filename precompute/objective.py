@@ -3,19 +3,33 @@
 An `Objective` is F(theta) = (1/n) sum_i loss(x_i; theta) + (1/2) theta^T diag(reg) theta (+ terms
 linear in theta, which no second derivative sees), where theta is a chosen subset of a model's
 parameters (a `ParamSpace`) and every other parameter of the model is a constant. It gives what
-the influence computation needs: Hessian-vector products over many vectors at once (double
-backward, streamed over the data) and per-example loss gradients.
+the influence computation needs: curvature-vector products over many vectors at once (streamed
+over the data) and per-example loss gradients.
+
+Two curvatures of the data term, chosen per objective (`curvature`):
+- "hessian": the true Hessian (1/n) sum_i d2 loss_i / dtheta2, by double backward. It is the
+  right matrix at an exact optimum (where it is positive semi-definite), e.g. the built-in
+  float64 tasks trained to a tiny gradient norm.
+- "ggn": the generalised Gauss-Newton matrix (1/n) sum_i J_i^T H_i J_i, with the loss split as
+  loss_i = h(f(x_i; theta), x_i), J_i = df/dtheta the Jacobian of the network function and
+  H_i = d2h/df2 the Hessian of the loss in the outputs (a `LossSplit`). With h convex (cross
+  entropy, squared error) it is positive semi-definite everywhere, so a damped solve is well
+  posed for models trained by SGD, which stop short of an optimum and whose true Hessian is
+  indefinite. It drops the term sum_i (dh/df)_i d2f_i/dtheta2, which vanishes where the
+  residuals dh/df do. Products: J v by forward mode, H_i (J v) by forward over reverse on h,
+  J^T (.) by reverse mode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -63,14 +77,84 @@ class ParamSpace:
         return vec[..., :cut], vec[..., cut:]
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+@contextmanager
+def second_order():
+    """Run torch.func transforms (double backward, vmap) under the math backend of
+    `scaled_dot_product_attention`.
+
+    The fused kernels (flash, memory-efficient, cuDNN) have no double backward and no vmap
+    batching rule; the math backend computes the same attention (to rounding) from plain
+    differentiable operations. First-order passes outside this context keep the fast kernels.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch without the attention module has no fused kernels to avoid
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
-def batches(dataset: Dataset, batch_size: int, device: torch.device) -> Iterator[Any]:
-    """The dataset in order, default collation, moved to `device`."""
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        yield to_device(batch, device)
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    move = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
+    return tree_map(lambda x: move(x) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def fetch(dataset: Dataset, indices: range | list[int]) -> Any:
+    """The examples at `indices` as one batch, as a DataLoader's default collation gives it,
+    without a Python call per example where the dataset allows: a TensorDataset is sliced (a
+    range) or indexed (a list), a Subset passes its indices down, a dataset with `batch_of`
+    (precompute.parquet_data) returns the collated batch itself, a dataset with
+    `__getitems__` (the DataLoader's batched-fetch protocol) is asked once; any other dataset
+    is read item by item and collated."""
+    batch_of = getattr(dataset, "batch_of", None)  # a dataset that collates batches itself
+    if callable(batch_of):
+        return batch_of(indices)
+    if _plain(dataset, TensorDataset):
+        if isinstance(indices, range) and indices.step == 1:
+            return [t[indices.start : indices.stop] for t in dataset.tensors]
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return [t[index] for t in dataset.tensors]
+    if _plain(dataset, Subset):
+        return fetch(dataset.dataset, [int(dataset.indices[i]) for i in indices])
+    getitems = getattr(dataset, "__getitems__", None)
+    items = getitems(list(indices)) if getitems else [dataset[i] for i in indices]
+    return default_collate(items)
+
+
+def _plain(dataset: Dataset, kind: type) -> bool:
+    """An instance of `kind` whose items are `kind`'s own (a subclass may transform them)."""
+    return isinstance(dataset, kind) and type(dataset).__getitem__ is kind.__getitem__
+
+
+def batches(
+    dataset: Dataset, batch_size: int, device: torch.device, within: range | None = None
+) -> Iterator[Any]:
+    """The dataset in order (the examples `within`, default all), in batches of `batch_size`
+    (see `fetch`), moved to `device`.
+
+    On CUDA the next batch is fetched, pinned and its copy queued (non-blocking) before the
+    current one is handed out, so loading overlaps the GPU's work on the current batch.
+    """
+    within = within if within is not None else range(len(dataset))
+    parts = [
+        range(start, min(start + batch_size, within.stop))
+        for start in range(within.start, within.stop, batch_size)
+    ]
+    if torch.device(device).type != "cuda":
+        for part in parts:
+            yield to_device(fetch(dataset, part), device)
+        return
+    pending = None
+    for part in parts:
+        batch = fetch(dataset, part)
+        batch = tree_map(lambda x: x.pin_memory() if isinstance(x, torch.Tensor) else x, batch)
+        ready = to_device(batch, device, non_blocking=True)
+        if pending is not None:
+            yield pending
+        pending = ready
+    if pending is not None:
+        yield pending
 
 
 class _Bound(torch.nn.Module):
@@ -98,10 +182,51 @@ def functional_loss(
     return loss
 
 
+@dataclass(frozen=True)
+class LossSplit:
+    """A per-example loss written as loss(model, batch) = loss_of_outputs(outputs(model, batch),
+    batch), with loss_of_outputs convex in the outputs: what the Gauss-Newton matrix needs.
+
+    `outputs(model, batch)` is the network function f [B, ...] (e.g. logits);
+    `loss_of_outputs(outputs, batch)` the per-example loss h [B]. `source` says where the split
+    came from (the task's hooks, or the standard loss it was recognised as)."""
+
+    outputs: LossFn
+    loss_of_outputs: Callable[[torch.Tensor, Any], torch.Tensor]
+    source: str = "hooks"
+
+
+CURVATURES = ("hessian", "ggn")
+PRODUCT_BUDGET = 2**27  # activation entries (vectors x examples x per-example activations)
+
+
+def activation_size(model: torch.nn.Module, loss_fn: LossFn, batch: Any) -> int:
+    """Entries of every leaf module's output per example, measured on one forward of `batch`:
+    what one vector of a vmapped product holds per example."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+        total += sum(t.numel() for t in leaves)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            losses = loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(1, total // max(1, len(losses)))
+
+
 class Objective:
     """F(theta) = (1/n) sum_i loss(x_i; theta) + (1/2) theta^T diag(reg) theta.
 
     theta = the space's parameters of `model` at their current values (the optimum).
+    `curvature` ("hessian" or "ggn", see the module docstring) is the matrix `hvp` multiplies
+    by; "ggn" needs `split`.
     """
 
     def __init__(
@@ -113,7 +238,13 @@ class Objective:
         reg: torch.Tensor,
         batch_size: int = 512,
         rhs_chunk: int | None = None,
+        curvature: str = "hessian",
+        split: LossSplit | None = None,
     ):
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature {curvature!r} is unknown: use {', '.join(CURVATURES)}")
+        if curvature == "ggn" and split is None:
+            raise ValueError("the Gauss-Newton curvature needs the loss split into outputs")
         self.model, self.loss_fn = model, loss_fn
         self.space = space
         self.dataset = dataset
@@ -126,6 +257,21 @@ class Objective:
         # large ones, whose per-vector activations would otherwise take gigabytes
         self.rhs_chunk = rhs_chunk or max(1, min(256, 2**22 // max(1, space.size)))
         self.loss = functional_loss(model, loss_fn, space)
+        self.curvature = curvature
+        self.split = split
+        self.outputs = functional_loss(model, split.outputs, space) if split else None
+        self._activations: int | None = None
+
+    def product_batch(self, rows: int) -> int:
+        """Examples per batch of a curvature product over `rows` vectors: at least batch_size,
+        and more (up to all n) while vectors x examples x activations per example stays within
+        PRODUCT_BUDGET. Small models gain most: the cost of a vmapped product is then mostly
+        per-batch overhead, and one large batch runs several times faster than many small."""
+        if self._activations is None:
+            first = next(batches(self.dataset, min(4, self.n), self.device))
+            self._activations = activation_size(self.model, self.loss_fn, first)
+        fits = PRODUCT_BUDGET // (min(rows, self.rhs_chunk) * self._activations)
+        return max(self.batch_size, min(self.n, fits))
 
     @property
     def size(self) -> int:
@@ -135,20 +281,56 @@ class Objective:
     def data_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """(1/n) sum_i d2 loss_i/dtheta2 @ v for each row v of vectors [Q, p] (double backward)."""
         out = torch.zeros_like(vectors)
-        for batch in batches(self.dataset, self.batch_size, self.device):
+        size = self.product_batch(len(vectors))
+        for batch in batches(self.dataset, size, self.device):
 
             def grad_sum(theta, batch=batch):
                 return torch.func.grad(lambda t: self.loss(t, batch).sum())(theta)
 
-            _, vjp = torch.func.vjp(grad_sum, self.theta)
-            for start in range(0, len(vectors), self.rhs_chunk):
-                chunk = vectors[start : start + self.rhs_chunk]
-                out[start : start + len(chunk)] += torch.func.vmap(vjp)(chunk)[0]
+            with second_order():
+                _, vjp = torch.func.vjp(grad_sum, self.theta)
+                for start in range(0, len(vectors), self.rhs_chunk):
+                    chunk = vectors[start : start + self.rhs_chunk]
+                    out[start : start + len(chunk)] += torch.func.vmap(vjp)(chunk)[0]
         return out / self.n
 
+    @torch.no_grad()
+    def data_ggn(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(1/n) sum_i J_i^T H_i J_i @ v for each row v of vectors [Q, p]: J_i v by forward
+        mode, H_i (J_i v) = d/de grad_f h(f + e J_i v) by forward over reverse, then one
+        reverse-mode product with J^T, all vmapped over the rows."""
+        split = self.split
+        out = torch.zeros_like(vectors)
+        size = self.product_batch(len(vectors))
+        for batch in batches(self.dataset, size, self.device):
+
+            def network(theta, batch=batch):
+                return self.outputs(theta, batch)
+
+            def loss_grad(outputs, batch=batch):
+                return torch.func.grad(lambda o: split.loss_of_outputs(o, batch).sum())(outputs)
+
+            with second_order():
+                outputs, vjp = torch.func.vjp(network, self.theta)
+
+                def product(v, network=network, loss_grad=loss_grad, outputs=outputs, vjp=vjp):
+                    jv = torch.func.jvp(network, (self.theta,), (v,))[1]
+                    hjv = torch.func.jvp(loss_grad, (outputs,), (jv,))[1]
+                    return vjp(hjv)[0]
+
+                for start in range(0, len(vectors), self.rhs_chunk):
+                    chunk = vectors[start : start + self.rhs_chunk]
+                    out[start : start + len(chunk)] += torch.func.vmap(product)(chunk)
+        return out / self.n
+
+    def data_curvature(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The data term of the chosen curvature (Hessian or GGN) times each row of vectors."""
+        return self.data_ggn(vectors) if self.curvature == "ggn" else self.data_hvp(vectors)
+
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """d2F/dtheta2 @ v for each row v of vectors [Q, p] (data term plus regulariser)."""
-        return self.data_hvp(vectors) + vectors * self.reg
+        """C @ v for each row v of vectors [Q, p], C = the chosen curvature of F: the data term's
+        Hessian or GGN, plus diag(reg) (quadratic, so exact in both)."""
+        return self.data_curvature(vectors) + vectors * self.reg
 
     def per_example_grads(self, dataset: Dataset) -> torch.Tensor:
         """d loss(x)/dtheta for every x in dataset, [len(dataset), p] (no regulariser)."""
@@ -164,7 +346,8 @@ def batch_grads(
     def single(theta, item):
         return loss(theta, tree_map(lambda x: x.unsqueeze(0), item))[0]
 
-    return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0))(theta, batch)
+    with second_order():  # vmap: fused attention kernels have no batching rule
+        return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0))(theta, batch)
 
 
 def per_example_grads(

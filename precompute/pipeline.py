@@ -2,33 +2,37 @@
 
 Stages: load and check the task, finetuned predictions, test-side vectors u_t per scenario, one
 pretraining-side solve s_t = H_G^{-1} [u_t; 0] for all scenarios and tests together, one
-streaming pass over the pretraining set, the embedding map, then the run directory.
+streaming pass over the pretraining set, the embedding map, then the run directory. Every solve
+and the pass are checked (precompute.health) before the next stage starts.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import platform
-import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from precompute.agreement import solver_agreement
-from precompute.curvature import SOLVERS, SolveConfig
+from precompute.config import PrecomputeConfig
+from precompute.curvature import SolveConfig
+from precompute.health import Solves, check_finite, check_scores
 from precompute.influence import Spaces, pretrain_vectors, scenario_vectors, trainable_names
 from precompute.objective import ParamSpace, batches
-from precompute.rundir import RunWriter, to_table
-from precompute.scoring import score_pretraining
+from precompute.resume import Checkpoints, ResumeError, run_key
+from precompute.rundir import RunWriter
+from precompute.scoring import ShardStore, score_pretraining
+from precompute.tables import describe_to, predictions_table, top_table, with_map, write_scores
 from precompute.task import (
-    SCENARIOS,
     MultiStageTask,
     TaskError,
     call,
@@ -37,40 +41,9 @@ from precompute.task import (
     check_outputs,
 )
 
+__all__ = ["PrecomputeConfig", "StageError", "precompute"]
+
 FULL_SCORES_AUTO_LIMIT = 20_000_000  # rows of scores.parquet written by --full-scores auto
-SCORES_ROWS_PER_GROUP = 2**17  # row groups of about this many rows: one test reads one group
-
-
-@dataclass
-class PrecomputeConfig:
-    """Settings of one run; written into the manifest."""
-
-    scenarios: tuple[str, ...] | None = None  # None: the task's own
-    solver: str = "auto"
-    damping: float | str = "auto"
-    top_k: int = 20
-    full_scores: str = "auto"  # auto | on | off
-    device: str = "auto"  # auto | cpu | cuda
-    batch_size: int = 256
-    cg_tol: float = 1e-6
-    cg_max_iter: int = 500
-    maps: bool = True
-    overwrite: bool = False
-    agreement_tests: int = 0  # > 0: compare the solver with well-converged cg on these tests
-    extra: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        if self.solver not in SOLVERS:
-            raise ValueError(f"--solver {self.solver!r} is unknown: use {', '.join(SOLVERS)}")
-        if self.full_scores not in ("auto", "on", "off"):
-            raise ValueError(f"--full-scores {self.full_scores!r} is unknown: use auto, on or off")
-        if self.damping != "auto" and not float(self.damping) >= 0:
-            raise ValueError(f"--damping must be 'auto' or a number >= 0, got {self.damping!r}")
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be at least 1, got {self.top_k}")
-        for s in self.scenarios or ():
-            if s not in SCENARIOS:
-                raise ValueError(f"--scenarios has unknown scenario {s!r}: use fixed, updated")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,82 +79,6 @@ class Timer:
             raise StageError(f"stage {name} failed: {type(exc).__name__}: {exc}") from exc
         self.times[name] = round(time.perf_counter() - start, 3)
         self.log(f"[msif] {name}: {self.times[name]:.2f} s")
-
-
-def png_bytes(image) -> bytes | None:
-    """An HxW or HxWxC uint8 array as PNG bytes (None stays None)."""
-    if image is None:
-        return None
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def describe_rows(task: MultiStageTask, split: str, count: int, id_column: str) -> pd.DataFrame:
-    rows = []
-    for i in range(count):
-        info = call(task, "describe", split, i)
-        if not isinstance(info, dict):
-            raise TaskError(f"task {task.name!r}: describe({split!r}, {i}) must return a dict")
-        label = info.get("label")
-        rows.append(
-            {
-                id_column: i,
-                "label": None if label is None else int(label),
-                "label_name": info.get("label_name"),
-                "text": info.get("text"),
-                "image_png": png_bytes(info.get("image")),
-            }
-        )
-    frame = pd.DataFrame(rows)
-    frame["label"] = frame["label"].astype("Int64")
-    return frame
-
-
-def predictions(task, scenario, model, test_data, batch_size, device, class_names) -> pd.DataFrame:
-    logits, losses = [], []
-    with torch.no_grad():
-        for batch in batches(test_data, batch_size, device):
-            logits.append(call(task, "finetune_logits", model, batch).float().cpu())
-            losses.append(call(task, "finetune_loss", model, batch).float().cpu())
-    logits, losses = torch.cat(logits), torch.cat(losses)
-    probs = logits.softmax(1)
-    confidence, pred = probs.max(1)
-    frame = pd.DataFrame(
-        {
-            "scenario": scenario,
-            "test_id": np.arange(len(pred)),
-            "pred": pred.numpy().astype(np.int64),
-            "pred_name": [class_names.get(int(p), str(int(p))) for p in pred],
-            "confidence": confidence.numpy(),
-            "loss": losses.numpy(),
-        }
-    )
-    return frame
-
-
-def top_table(scenarios: list[str], q: int, top) -> pd.DataFrame:
-    """Rows of the top-k per (scenario, test): helpful (score > 0) and harmful (score < 0)."""
-    frames = []
-    for kind, sign in (("helpful", 1.0), ("harmful", -1.0)):
-        scores = getattr(top, f"{kind}_scores").float().cpu().numpy()
-        ids = getattr(top, f"{kind}_ids").cpu().numpy()
-        rows, ranks = np.nonzero(scores * sign > 0)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "scenario": [scenarios[r // q] for r in rows],
-                    "test_id": rows % q,
-                    "kind": kind,
-                    "rank": ranks + 1,
-                    "pretrain_id": ids[rows, ranks],
-                    "score": scores[rows, ranks],
-                }
-            )
-        )
-    return pd.concat(frames).sort_values(["scenario", "test_id", "kind", "rank"])
 
 
 def versions() -> dict:
@@ -221,168 +118,262 @@ def load_checked(task: MultiStageTask, scenarios: list[str], device: torch.devic
 
 
 def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=print) -> Path:
-    """Compute every score of the task and write the run directory `out`; returns its path."""
+    """Compute every score of the task and write the run directory `out`; returns its path.
+
+    Every finished stage is checkpointed in the run's temporary folder (precompute.resume): a
+    run interrupted by an error, Ctrl+C or `kill -9` continues with `config.resume`.
+    """
     config.check()
     device = resolve_device(config.device)
     scenarios = list(config.scenarios or task.scenarios)
     unknown = [s for s in scenarios if s not in task.scenarios]
     if unknown:
         raise ValueError(f"task {task.name!r} does not provide scenario(s) {unknown}")
+    if config.engine == "ray":
+        from precompute.ray_engine import preflight
+
+        preflight()
     timer = Timer(log)
-    solve_config = SolveConfig(config.solver, config.damping, config.cg_tol, config.cg_max_iter)
-    out = Path(out)
-    with RunWriter(out, overwrite=config.overwrite) as writer:
-        with timer.stage("load"):
-            data, pretrained, finetuned, shared = load_checked(task, scenarios, device)
-            pretrain_data = data["pretrain_data"]
-            train_data, test_data = data["finetune_train_data"], data["finetune_test_data"]
-            m, q = len(pretrain_data), len(test_data)
-        spaces = Spaces(
-            shared=ParamSpace.of(pretrained, shared),
-            pretrain_only=ParamSpace.of(
-                pretrained,
-                trainable_names(
-                    pretrained, shared, task.pretrain_loss, next(batches(pretrain_data, 2, device))
-                ),
-            ),
-        )
-        with timer.stage("describe"):
-            pretrain_rows = describe_rows(task, "pretrain", m, "pretrain_id")
-            test_rows = describe_rows(task, "test", q, "test_id")
-            class_names = getattr(task, "finetune_class_names", None) or {
-                int(r.label): r.label_name
-                for r in test_rows.itertuples()
-                if r.label is not pd.NA and r.label_name is not None
-            }
-        with timer.stage("predictions"):
-            frames = [
-                predictions(
-                    task, s, finetuned[s], test_data, config.batch_size, device, class_names
-                )
-                for s in scenarios
-            ]
-            preds = pd.concat(frames, ignore_index=True)
-            labels = test_rows["label"].to_numpy(dtype=np.float64, na_value=np.nan)
-            preds["correct"] = preds["pred"].to_numpy() == np.tile(labels, len(scenarios))
-        solves = {}
-        u_rows = []
-        for s in scenarios:
-            with timer.stage(f"test_vectors_{s}"):
-                u, info = scenario_vectors(
-                    task, s, finetuned[s], spaces.shared, solve_config, config.batch_size
-                )
-                u_rows.append(u)
-                solves[s] = info
-        with timer.stage("pretrain_solve"):
-            s_vectors, solves["pretrain"] = pretrain_vectors(
-                task, pretrained, spaces, torch.cat(u_rows), solve_config, config.batch_size
-            )
+    writer = RunWriter(Path(out), overwrite=config.overwrite, resume=config.resume)
+    with writer:
+        try:
+            return _precompute(task, config, scenarios, device, writer, timer, log)
+        except (KeyboardInterrupt, StageError, ResumeError):
+            # kept for --resume; the next run at this path without --resume removes it
+            # worth keeping when some stage finished beyond the load (key.json)
+            writer.keep = len(list((writer.tmp / "state").glob("*.json"))) > 1
+            if writer.keep:
+                log(f"[msif] the finished stages are kept in {writer.tmp}: rerun with --resume")
+            raise
+
+
+def _precompute(task, config, scenarios, device, writer, timer, log) -> Path:
+    solve_config = SolveConfig(
+        config.solver, config.damping, config.cg_tol, config.cg_max_iter, config.curvature
+    )
+    with timer.stage("load"):
+        data, pretrained, finetuned, shared = load_checked(task, scenarios, device)
+        pretrain_data = data["pretrain_data"]
+        train_data, test_data = data["finetune_train_data"], data["finetune_test_data"]
+        m, q = len(pretrain_data), len(test_data)
         full = config.full_scores == "on" or (
             config.full_scores == "auto" and len(scenarios) * q * m <= FULL_SCORES_AUTO_LIMIT
         )
-        with timer.stage("pretraining_pass"), tempfile.TemporaryDirectory(dir=writer.tmp) as tmp:
-            store = (
-                np.lib.format.open_memmap(
-                    Path(tmp) / "scores.npy", mode="w+", dtype=np.float32, shape=(len(s_vectors), m)
-                )
-                if full
-                else None
-            )
-
-            def sink(start, scores):
-                store[:, start : start + scores.shape[1]] = scores.float().cpu().numpy()
-
-            with tqdm(
-                total=m, desc="pretraining pass", unit="ex", leave=False, disable=None
-            ) as bar:
-                result = score_pretraining(
-                    pretrained,
-                    task.pretrain_loss,
-                    pretrain_data,
-                    spaces.shared + spaces.pretrain_only,
-                    s_vectors,
-                    config.top_k,
-                    config.batch_size,
-                    sink if full else None,
-                    bar.update,
-                )
-            if full:
-                write_scores(writer, store, scenarios, q, m)
-        agreement = None
-        if config.agreement_tests:
-            with timer.stage("solver_agreement"):
-                agreement = solver_agreement(
-                    task,
-                    pretrained,
-                    finetuned,
-                    spaces,
-                    scenarios,
-                    solve_config,
-                    config.agreement_tests,
-                    config.batch_size,
-                )
-                log(f"[msif] scores against well-converged cg: {agreement}")
-        with timer.stage("maps"):
-            if config.maps:
-                from precompute.maps import embedding_map
-
-                pre_xy, test_xy = embedding_map(
-                    task, pretrained, pretrain_data, test_data, config.batch_size, device
-                )
-            else:
-                pre_xy, test_xy = np.full((m, 2), np.nan), np.full((q, 2), np.nan)
-        with timer.stage("write"):
-            pretrain_rows["umap_x"], pretrain_rows["umap_y"] = pre_xy[:, 0], pre_xy[:, 1]
-            test_rows["umap_x"], test_rows["umap_y"] = test_xy[:, 0], test_xy[:, 1]
-            writer.write_table("pretrain", pretrain_rows)
-            writer.write_table("test", test_rows)
-            writer.write_table("predictions", preds)
-            writer.write_table("top", top_table(scenarios, q, result.top))
-        manifest = {
-            "task": task.name,
-            "scenarios": scenarios,
-            "solver": solves,
-            "damping": {k: v.get("damping") for k, v in solves.items()},
-            "proximal_alpha": float(task.proximal_alpha) if "updated" in scenarios else None,
-            "pretrain_l2": float(task.pretrain_l2),
-            "finetune_l2": float(task.finetune_l2),
-            "counts": {"pretrain": m, "finetune_train": len(train_data), "test": q},
-            "parameters": {
-                "shared": spaces.shared.size,
-                "pretrain_only": spaces.pretrain_only.size,
-            },
-            "top_k": config.top_k,
-            "solver_agreement": agreement,
-            "full_scores": full,
-            "pretraining_pass": {"path": result.path, "vmap_params": result.vmap_params},
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "dtype": str(s_vectors.dtype).removeprefix("torch."),
-            "config": asdict(config),
-            "timings_s": timer.times,
-            "versions": versions(),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        state = Checkpoints(writer.tmp)
+        resumed = state.bind(run_key(task, config, scenarios, device, data, full, pretrained,
+                                     finetuned))  # fmt: skip
+        if writer.resume:
+            log(f"[msif] {'resuming ' + str(writer.tmp) if resumed else 'nothing to resume'}")
+    spaces = Spaces(
+        shared=ParamSpace.of(pretrained, shared),
+        pretrain_only=ParamSpace.of(
+            pretrained,
+            trainable_names(
+                pretrained, shared, task.pretrain_loss, next(batches(pretrain_data, 2, device))
+            ),
+        ),
+    )
+    with timer.stage("describe"):
+        for split, count, column in (("pretrain", m, "pretrain_id"), ("test", q, "test_id")):
+            if not state.has(f"describe_{split}"):
+                describe_to(task, split, count, column, state.path(f"{split}_rows.parquet"))
+                state.mark(f"describe_{split}")
+        test_rows = pq.read_table(state.path("test_rows.parquet")).to_pandas()
+        class_names = getattr(task, "finetune_class_names", None) or {
+            int(r.label): r.label_name
+            for r in test_rows.itertuples()
+            if r.label is not pd.NA and r.label_name is not None
         }
-        return writer.finish(manifest)
+    with timer.stage("predictions"):
+        frames = [
+            predictions_table(
+                task, s, finetuned[s], test_data, config.objective_batch, device, class_names
+            )
+            for s in scenarios
+        ]
+        preds = pd.concat(frames, ignore_index=True)
+        labels = test_rows["label"].to_numpy(dtype=np.float64, na_value=np.nan)
+        preds["correct"] = preds["pred"].to_numpy() == np.tile(labels, len(scenarios))
+    solves = Solves(scenarios, q, config.allow_unconverged, log)
+    u_rows = []
+    for scenario in scenarios:
+        stage = f"test_vectors_{scenario}"
+        with timer.stage(stage):
+            u, info = state.tensor(
+                stage,
+                lambda scenario=scenario: scenario_vectors(
+                    task, scenario, finetuned[scenario], spaces.shared, solve_config,
+                    config.objective_batch,
+                ),
+            )  # fmt: skip
+            hessian = f"finetuning Hessian K of the {scenario} scenario"
+            solves.add(stage, scenario, hessian, info, [scenario])
+            check_finite(stage, "test-side vectors u_t", u, solves.labels([scenario]))
+            u_rows.append(u.to(device))
+    with timer.stage("pretrain_solve"):
+        s_vectors, info = state.tensor(
+            "pretrain_solve",
+            lambda: pretrain_vectors(
+                task, pretrained, spaces, torch.cat(u_rows), solve_config, config.objective_batch
+            ),
+        )
+        s_vectors = s_vectors.to(device)
+        solves.add("pretrain_solve", "pretrain", "pretraining Hessian H_G", info, scenarios)
+        check_finite("pretrain_solve", "s-vectors", s_vectors, solves.labels(scenarios))
+    log(f"[msif] full scores: {full_reason(config.full_scores, full, len(scenarios) * q * m)}")
+    with timer.stage("pretraining_pass"):
+        result = pretraining_pass(
+            task, pretrained, pretrain_data, spaces, s_vectors, config, writer, state, full,
+            scenarios, log,
+        )  # fmt: skip
+    agreement = None
+    if config.agreement_tests:
+        with timer.stage("solver_agreement"):
+            agreement = solver_agreement(
+                task,
+                pretrained,
+                finetuned,
+                spaces,
+                scenarios,
+                solve_config,
+                config.agreement_tests,
+                config.objective_batch,
+            )
+            log(f"[msif] scores against well-converged cg: {agreement}")
+    with timer.stage("maps"):
+        pre_xy, test_xy, map_info = make_map(
+            task, config, pretrained, pretrain_data, test_data, device, state
+        )
+    with timer.stage("write"):
+        with_map(writer, "pretrain", state.path("pretrain_rows.parquet"), pre_xy)
+        with_map(writer, "test", state.path("test_rows.parquet"), test_xy)
+        writer.write_table("predictions", preds)
+        writer.write_table("top", top_table(scenarios, q, result.top))
+        state.clear()
+    manifest = {
+        "task": task.name,
+        "scenarios": scenarios,
+        "solver": solves.info,
+        "damping": {k: v.get("damping") for k, v in solves.info.items()},
+        "allow_unconverged": config.allow_unconverged,
+        "unconverged_tests": solves.unconverged_tests(),
+        "proximal_alpha": float(task.proximal_alpha) if "updated" in scenarios else None,
+        "pretrain_l2": float(task.pretrain_l2),
+        "finetune_l2": float(task.finetune_l2),
+        "counts": {"pretrain": m, "finetune_train": len(train_data), "test": q},
+        "parameters": {
+            "shared": spaces.shared.size,
+            "pretrain_only": spaces.pretrain_only.size,
+        },
+        "top_k": config.top_k,
+        "solver_agreement": agreement,
+        "full_scores": full,
+        "pretraining_pass": {
+            "path": result.path,
+            "vmap_params": result.vmap_params,
+            **result.engine,
+        },
+        "engine": config.engine,
+        "map": map_info,
+        "resumed": writer.resumed,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": str(s_vectors.dtype).removeprefix("torch."),
+        "config": asdict(config),
+        "timings_s": timer.times,
+        "versions": versions(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return writer.finish(manifest)
 
 
-def write_scores(writer: RunWriter, store: np.ndarray, scenarios: list[str], q: int, m: int):
-    """scores.parquet sorted by (scenario, test_id), a few tests per row group."""
-    per_group = max(1, SCORES_ROWS_PER_GROUP // m)
-    pretrain_ids = np.arange(m, dtype=np.int64)
-    with writer.scores_writer() as parquet:
-        for number, scenario in enumerate(scenarios):
-            for first in range(0, q, per_group):
-                last = min(first + per_group, q)
-                block = np.asarray(store[number * q + first : number * q + last])
-                frame = pd.DataFrame(
-                    {
-                        "scenario": scenario,
-                        "test_id": np.repeat(np.arange(first, last, dtype=np.int64), m),
-                        "pretrain_id": np.tile(pretrain_ids, last - first),
-                        "score": block.reshape(-1),
-                    }
-                )
-                parquet.write_table(to_table("scores", frame))
+def make_map(task, config, pretrained, pretrain_data, test_data, device, state):
+    """(pretrain xy, test xy, info) of the embedding map (precompute.maps), or NaN positions
+    without maps; checkpointed."""
+    m, q = len(pretrain_data), len(test_data)
+    if not config.maps:
+        return np.full((m, 2), np.nan), np.full((q, 2), np.nan), {"method": "none (--no-maps)"}
+    if state.has("maps"):
+        saved = torch.load(state.path("maps.pt"), weights_only=True)
+        return (
+            saved["pretrain"].numpy(),
+            saved["test"].numpy(),
+            json.loads(state.path("maps.json").read_text()),
+        )
+    from precompute.maps import embedding_map
+
+    labels = pq.read_table(state.path("pretrain_rows.parquet"), columns=["label"])
+    labels = labels.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+    pre_xy, test_xy, info = embedding_map(
+        task, pretrained, pretrain_data, test_data, config.objective_batch, device,
+        labels=None if np.isnan(labels).all() else labels,
+    )  # fmt: skip
+    torch.save(
+        {"pretrain": torch.from_numpy(pre_xy), "test": torch.from_numpy(test_xy)},
+        state.path("maps.pt"),
+    )
+    state.mark("maps", info)
+    return pre_xy, test_xy, info
+
+
+def full_reason(setting: str, full: bool, rows: int) -> str:
+    """Why scores.parquet is or is not written, for the log."""
+    if setting != "auto":
+        return f"{setting} (--full-scores {setting})"
+    relation = "<=" if full else ">"
+    return (
+        f"{'on' if full else 'off'} (--full-scores auto: {rows:,} scores {relation} "
+        f"{FULL_SCORES_AUTO_LIMIT:,}{'' if full else '; pass --full-scores on to write them'})"
+    )
+
+
+def pretraining_pass(task, pretrained, pretrain_data, spaces, s_vectors, config, writer, state,
+                     full, scenarios, log=print):  # fmt: skip
+    """The streaming pass (precompute.scoring) in shards, each finished shard checkpointed (its
+    top lists; with `full`, its scores in a memory-mapped array), the scores checked (finite,
+    not all zero) and, when `full`, written to scores.parquet."""
+    m, rows = len(pretrain_data), len(s_vectors)
+    store = None
+    path = state.path("scores.npy")
+    if full:
+        mode = "r+" if path.is_file() else "w+"
+        store = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=(rows, m))
+
+    def keep(start, scores):
+        store[:, start : start + scores.shape[1]] = scores.float().cpu().numpy()
+
+    shards = ShardStore(state.path("pass"), config.top_k, flush=store.flush if full else None)
+    args = (
+        pretrained,
+        task.pretrain_loss,
+        pretrain_data,
+        spaces.shared + spaces.pretrain_only,
+        s_vectors,
+        config.top_k,
+        config.pass_batch,
+    )
+    sizes = dict(shard_size=lambda batch_size: shard_size(m, batch_size), store=shards)
+    with tqdm(total=m, desc="pretraining pass", unit="ex", leave=False, disable=None) as bar:
+        if config.engine == "ray":
+            from precompute.ray_engine import RayCluster, ray_pass
+
+            with RayCluster(log) as cluster:
+                result, engine = ray_pass(*args, keep if full else None, bar.update, **sizes,
+                                          cluster=cluster)  # fmt: skip
+        else:
+            result = score_pretraining(*args, keep if full else None, bar.update, **sizes)
+            engine = {"engine": "local"}
+    result.engine = engine
+    check_scores(result.top)
+    if full:
+        write_scores(writer, store, scenarios, rows // len(scenarios), m)
+    return result
+
+
+def shard_size(m: int, batch_size: int) -> int:
+    """Examples per checkpointed shard of the pass: about 1% of the set, whole batches, at
+    least 64 batches (a checkpoint costs a flush of the scores written so far)."""
+    batches_per_shard = max(64, -(-m // (100 * batch_size)))
+    return batches_per_shard * batch_size
 
 
 def _size(batch) -> int:

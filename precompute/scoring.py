@@ -3,19 +3,24 @@
 One streaming pass over the m pretraining examples. The Q test-side vectors s_t are contracted
 with per-example gradients batch by batch; an (examples x parameters) matrix never exists.
 
-For nn.Linear and nn.Embedding layers the contraction uses the layer structure instead of
-per-example gradients: a Linear layer with input a and output gradient g has per-example weight
-gradient sum_n g_n a_n^T, so s . grad = sum_n g_n^T S a_n, one matrix product with all Q rows of S
-stacked. Any other parameter in (W, U) falls back to per-example gradients from torch.func.vmap.
+For layers with a rule in precompute.layers (nn.Linear, nn.Conv1d, nn.Conv2d, GPT-2's Conv1D,
+nn.Embedding) the contraction uses the layer structure instead of generic per-example
+gradients: a dense layer with inputs a_n and output gradients g_n at positions n has per-example
+weight gradient sum_n g_n a_n^T, so s . grad = sum_n g_n^T S a_n: with one position, one matrix
+product with all Q rows of S stacked; with several (sequences, convolutions), the per-example
+gradients formed from (a, g) and then one product. Any other parameter in (W, U) falls back to
+per-example gradients from torch.func.vmap.
 The first batch is checked against plain per-example gradients; a mismatch (a layer's weight
 used outside its forward, say) switches the pass to the plain path.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset
 
+from precompute.layers import EmbeddingRule, dense_weight_grads, layer_calls, rules
 from precompute.objective import LossFn, ParamSpace, batch_grads, batches, functional_loss
 
 Sink = Callable[[int, torch.Tensor], None]  # (first pretraining index, scores [Q, B])
@@ -48,6 +54,30 @@ class TopK:
             setattr(self, f"{kind}_scores", top.values)
             setattr(self, f"{kind}_ids", i.gather(1, top.indices))
 
+    def merge(self, other: TopK) -> TopK:
+        """Fold in the lists of another part of the pretraining set (disjoint ids): the result
+        is the top-k of the union, as if one pass had seen both parts."""
+        if other.helpful_scores is None:
+            return self
+        for kind, largest in (("helpful", True), ("harmful", False)):
+            scores, ids = getattr(other, f"{kind}_scores"), getattr(other, f"{kind}_ids")
+            old_s, old_i = getattr(self, f"{kind}_scores"), getattr(self, f"{kind}_ids")
+            s = scores if old_s is None else torch.cat([old_s, scores.to(old_s)], 1)
+            i = ids if old_i is None else torch.cat([old_i, ids.to(old_i.device)], 1)
+            top = torch.topk(s, min(self.k, s.shape[1]), dim=1, largest=largest)
+            setattr(self, f"{kind}_scores", top.values)
+            setattr(self, f"{kind}_ids", i.gather(1, top.indices))
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The lists as plain tensors on the CPU (to save with torch.save; load weights_only)."""
+        names = ("helpful_scores", "helpful_ids", "harmful_scores", "harmful_ids")
+        return {n: getattr(self, n).cpu() for n in names if getattr(self, n) is not None}
+
+    @classmethod
+    def from_state(cls, k: int, state: dict[str, torch.Tensor]) -> TopK:
+        return cls(k, **state)
+
 
 @dataclass
 class PassResult:
@@ -55,86 +85,36 @@ class PassResult:
     path: str  # "layers" or "vmap"
     layer_params: list[str] = field(default_factory=list)
     vmap_params: list[str] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)  # where it ran (precompute.ray_engine)
 
 
-class _Recorder:
-    """Forward hooks that keep each supported layer's input and output for one forward."""
-
-    def __init__(self, modules: list[nn.Module]):
-        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in modules]
-
-    def _hook(self, module, inputs, output):
-        self.calls.append((module, inputs[0], output))
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def layer_calls(
-    model: nn.Module, loss_fn: LossFn, batch: Any, modules: list[nn.Module]
-) -> tuple[int, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
-    """(batch size, [(module, input, d sum(loss)/d output)] for every call of the modules).
-
-    Examples are independent, so the output gradient of the summed loss holds each example's
-    own output gradient in its row.
-    """
-    recorder = _Recorder(modules)
-    try:
-        with torch.enable_grad():
-            loss = loss_fn(model, batch)
-    finally:
-        recorder.close()
-    calls = [c for c in recorder.calls if c[2].requires_grad]
-    if not calls:
-        return loss.shape[0], []
-    grads = torch.autograd.grad(loss.sum(), [c[2] for c in calls], allow_unused=True)
-    found = [
-        (module, inp.detach(), g.detach())
-        for (module, inp, _), g in zip(calls, grads, strict=True)
-        if g is not None
-    ]
-    return loss.shape[0], found
-
-
-def supported(module: nn.Module, ids: set[int]) -> bool:
-    """Is this a layer whose weight (a parameter in `ids`) has a layer rule here?"""
-    if isinstance(module, nn.Linear):
-        return id(module.weight) in ids
-    if isinstance(module, nn.Embedding):
-        return id(module.weight) in ids and module.max_norm is None and not module.sparse
-    return False
-
-
-def _linear(a, g, s_w, s_b, q):
+def _dense(a, g, s_w, s_b, q, budget=2**25):
     """sum_n g_n^T S_w a_n (+ sum_n g_n . s_b) for every example and every row: [Q, B].
 
-    s_w is the weight block [Q, out, in] (contiguous), s_b the bias block [Q, out].
+    a [B, groups, N, in] and g [B, groups, N, out] come from a DenseRule; s_w is the weight block
+    [Q, groups, out, in] (contiguous), s_b the bias block [Q, groups, out].
     """
-    batch = a.shape[0]
-    a = a.reshape(batch, -1, a.shape[-1])
-    g = g.reshape(batch, -1, g.shape[-1])
+    batch, groups, positions = a.shape[:3]
     out = torch.zeros(q, batch, dtype=g.dtype, device=g.device)
     if s_w is not None:
-        if a.shape[1] == 1:  # one position: (a S^T) . g, a single matrix product over Q rows
-            y = (a[:, 0] @ s_w.view(-1, s_w.shape[-1]).T).view(batch, q, -1)  # [B, Q, out]
-            out += torch.bmm(y, g[:, 0, :, None])[..., 0].T
-        else:  # several positions: form the layer's per-example gradient, then one product
-            per_example = torch.einsum("bno,bni->boi", g, a).reshape(batch, -1)
-            out += s_w.view(q, -1) @ per_example.T
+        if positions == 1 and groups == 1:  # (a S^T) . g, a single matrix product over Q rows
+            y = (a[:, 0, 0] @ s_w.view(-1, s_w.shape[-1]).T).view(batch, q, -1)  # [B, Q, out]
+            out += torch.bmm(y, g[:, 0, 0, :, None])[..., 0].T
+        else:  # several positions: form the per-example gradients, then one product
+            step = max(1, budget // max(1, s_w[0].numel()))
+            for start in range(0, batch, step):
+                per_example = dense_weight_grads(a[start : start + step], g[start : start + step])
+                part = per_example.reshape(per_example.shape[0], -1)
+                out[:, start : start + len(part)] += s_w.view(q, -1) @ part.T
     if s_b is not None:
-        out += s_b @ g.sum(1).T
+        out += s_b.reshape(q, -1) @ g.sum(2).reshape(batch, -1).T
     return out
 
 
-def _embedding(module, idx, g, s_e, q, budget=2**25):
+def _embedding(rule, idx, g, s_e, q, budget=2**25):
     """sum_n S_e[idx_n] . g_n for every example and row: [Q, B]."""
+    idx, g = rule.tokens_and_grads(idx, g)
     batch = idx.shape[0]
-    idx = idx.reshape(batch, -1)
-    g = g.reshape(batch, idx.shape[1], -1)
-    if module.padding_idx is not None:
-        g = g * (idx != module.padding_idx).unsqueeze(-1)
     step = max(1, budget // max(1, q * idx.shape[1] * g.shape[-1]))
     parts = []
     for start in range(0, batch, step):
@@ -152,15 +132,24 @@ class Contraction:
         blocks = space.unflatten(s)  # name -> [Q, *shape]
         params = dict(model.named_parameters())
         by_id = {id(params[n]): n for n in space.names}
-        self.modules = [m for m in model.modules() if supported(m, set(by_id))]
-        self.s_by_param: dict[int, torch.Tensor] = {}
+        self.rules = rules(model, set(by_id))
+        self.modules = list(self.rules)
+        # per layer: its blocks of S in the rule's layout (a weight tied between two layers is
+        # read by both)
+        self.s_weight: dict[nn.Module, torch.Tensor] = {}
+        self.s_bias: dict[nn.Module, torch.Tensor] = {}
         covered = set()
-        for m in self.modules:
-            for p in (m.weight, getattr(m, "bias", None)):
-                if p is not None and id(p) in by_id:
-                    # contiguous [Q, *shape]: a weight tied between layers is one block
-                    self.s_by_param[id(p)] = blocks[by_id[id(p)]].contiguous()
-                    covered.add(by_id[id(p)])
+        for module, rule in self.rules.items():
+            weight = blocks[by_id[id(module.weight)]]
+            covered.add(by_id[id(module.weight)])
+            if isinstance(rule, EmbeddingRule):
+                self.s_weight[module] = weight.contiguous()
+                continue
+            self.s_weight[module] = rule.to_matrix(weight).contiguous()
+            bias = getattr(module, "bias", None)
+            if bias is not None and id(bias) in by_id:
+                self.s_bias[module] = rule.bias_to_matrix(blocks[by_id[id(bias)]]).contiguous()
+                covered.add(by_id[id(bias)])
         self.layer_params = [n for n in space.names if n in covered]
         left = [n for n in space.names if n not in covered]
         self.vmap_space = ParamSpace.of(model, left)
@@ -183,12 +172,12 @@ class Contraction:
         size, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
         out = torch.zeros(self.q, size, dtype=self.s.dtype, device=self.s.device)
         for module, inp, g in calls:
-            s_w = self.s_by_param.get(id(module.weight))
-            if isinstance(module, nn.Embedding):
-                out += _embedding(module, inp, g, s_w, self.q)
+            rule = self.rules[module]
+            if isinstance(rule, EmbeddingRule):
+                out += _embedding(rule, inp, g, self.s_weight[module], self.q)
             else:
-                s_b = self.s_by_param.get(id(module.bias)) if module.bias is not None else None
-                out += _linear(inp, g, s_w, s_b, self.q)
+                a, g = rule.inputs(inp), rule.outputs(g)
+                out += _dense(a, g, self.s_weight[module], self.s_bias.get(module), self.q)
         return out
 
     def plain(self, batch: Any) -> torch.Tensor:
@@ -209,6 +198,106 @@ class Contraction:
         )
 
 
+class PretrainingPass:
+    """The pass as a unit of work: the scores (1/m) s_t . grad g(z) of any batch of pretraining
+    examples z, given with their ids, for all Q rows of S: [Q, B].
+
+    Drivers (the local loop below, a distributed engine) call it on disjoint shards of the
+    pretraining set; partial top lists merge exactly (TopK.merge). On its first batch, the layer
+    path is checked against plain per-example gradients; on disagreement (a layer's weight used
+    outside its forward, say) it switches to the plain path.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, space: ParamSpace, s: torch.Tensor,
+                 m: int):  # fmt: skip
+        self.contraction = Contraction(model, loss_fn, space, s)
+        self.space, self.m = space, m
+        self.checked = False
+
+    def __call__(self, batch: Any, ids: torch.Tensor) -> torch.Tensor:
+        contraction = self.contraction
+        if not self.checked:
+            self.checked = True
+            if not contraction.check(batch):
+                warnings.warn(
+                    "layer-structured scores disagree with per-example gradients on this model "
+                    "(a layer's weight used outside its forward?); using per-example gradients",
+                    stacklevel=2,
+                )
+                contraction.use_layers = False
+        scores = contraction(batch) / self.m
+        if not torch.isfinite(scores).all():
+            raise FloatingPointError(
+                f"non-finite influence scores at pretraining examples {int(ids[0])}.."
+                f"{int(ids[-1])} (non-finite pretraining loss or gradient there?)"
+            )
+        return scores
+
+    def auto_batch_size(self) -> int:
+        """Examples per batch when none is given: large (4096 on a GPU, 1024 on a CPU: fewer,
+        larger kernels), smaller where per-example gradients (vmapped parameters) or a large
+        model would take more than about 256 MB per batch."""
+        base = 4096 if self.contraction.s.device.type == "cuda" else 1024
+        c = self.contraction
+        vmapped = c.vmap_space.size if c.use_layers else self.space.size
+        per_example = vmapped + self.space.size // 16  # + a rough allowance for activations
+        return int(min(base, max(32, 2**28 // (4 * max(1, per_example)))))
+
+    def result(self, top: TopK) -> PassResult:
+        layers = self.contraction.use_layers
+        return PassResult(
+            top=top,
+            path="layers" if layers else "vmap",
+            layer_params=self.contraction.layer_params if layers else [],
+            vmap_params=list(self.contraction.vmap_space.names if layers else self.space.names),
+        )
+
+
+def score_shard(
+    unit: PretrainingPass,
+    dataset: Dataset,
+    shard: range,
+    top_k: int,
+    batch_size: int,
+    sink: Sink | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TopK:
+    """Run the unit of work over the pretraining examples `shard` (a range of ids): the shard's
+    top-k lists; every batch's scores also go to `sink`."""
+    device = unit.contraction.s.device
+    stream = batches(dataset, batch_size, device, within=shard)
+    return score_batches(unit, stream, shard.start, top_k, sink, progress)
+
+
+def score_batches(
+    unit: PretrainingPass,
+    stream: Iterable[Any],
+    start: int,
+    top_k: int,
+    sink: Sink | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TopK:
+    """Run the unit of work over consecutive batches whose first example has id `start`."""
+    device = unit.contraction.s.device
+    top = TopK(top_k)
+    for batch in stream:
+        size = _size(batch)
+        ids = torch.arange(start, start + size, device=device)
+        scores = unit(batch, ids)
+        top.update(scores, ids[None, :])
+        if sink is not None:
+            sink(start, scores)
+        start += size
+        if progress is not None:
+            progress(size)
+    return top
+
+
+def shards(m: int, size: int) -> list[range]:
+    """The pretraining ids 0..m-1 cut into consecutive shards of `size` (the last shorter)."""
+    return [range(start, min(start + size, m)) for start in range(0, m, size)]
+
+
 def score_pretraining(
     model: nn.Module,
     loss_fn: LossFn,
@@ -216,43 +305,70 @@ def score_pretraining(
     space: ParamSpace,
     s: torch.Tensor,
     top_k: int,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     sink: Sink | None = None,
     progress: Callable[[int], None] | None = None,
+    shard_size: int | Callable[[int], int] | None = None,
+    store: ShardStore | None = None,
 ) -> PassResult:
-    """Stream the pretraining set; score = (1/m) s . grad g(z); keep top-k, send scores to sink."""
+    """Stream the pretraining set; score = (1/m) s . grad g(z); keep top-k, send scores to sink.
+
+    The local driver of the unit of work: shard by shard, in order. With a `store`, shards it
+    holds are not run again (their top lists are loaded) and each finished shard is saved, so
+    an interrupted pass resumes where it stopped. `batch_size` None: the unit's choice;
+    `shard_size` may be a function of the batch size.
+    """
     m = len(dataset)
-    contraction = Contraction(model, loss_fn, space, s)
+    unit = PretrainingPass(model, loss_fn, space, s, m)
+    batch_size = batch_size or unit.auto_batch_size()
+    if callable(shard_size):
+        shard_size = shard_size(batch_size)
     top = TopK(top_k)
-    start = 0
-    for number, batch in enumerate(batches(dataset, batch_size, s.device)):
-        if number == 0 and not contraction.check(batch):
-            warnings.warn(
-                "layer-structured scores disagree with per-example gradients on this model "
-                "(a layer's weight used outside its forward?); using per-example gradients",
-                stacklevel=2,
-            )
-            contraction.use_layers = False
-        scores = contraction(batch) / m
-        if not torch.isfinite(scores).all():
-            raise FloatingPointError(
-                f"non-finite influence scores at pretraining examples {start}.."
-                f"{start + scores.shape[1] - 1} (non-finite pretraining loss or gradient there?)"
-            )
-        ids = torch.arange(start, start + scores.shape[1], device=s.device)
-        top.update(scores, ids[None, :])
-        if sink is not None:
-            sink(start, scores)
-        start += scores.shape[1]
-        if progress is not None:
-            progress(scores.shape[1])
-    layers = contraction.use_layers
-    return PassResult(
-        top=top,
-        path="layers" if layers else "vmap",
-        layer_params=contraction.layer_params if layers else [],
-        vmap_params=list(contraction.vmap_space.names if layers else space.names),
-    )
+    for shard in shards(m, shard_size or m or 1):
+        done = store.load(shard) if store is not None else None
+        if done is None:
+            done = score_shard(unit, dataset, shard, top_k, batch_size, sink, progress)
+            if store is not None:
+                store.save(shard, done)
+        elif progress is not None:
+            progress(len(shard))
+        top.merge(done)
+    return unit.result(top)
+
+
+class ShardStore:
+    """Finished shards of a pass in a folder: each shard's top lists in `shard-<start>.pt`
+    (torch.save of plain tensors, read back with weights_only=True), written atomically after
+    `flush` (e.g. of the memory-mapped full scores) has made the shard's scores durable."""
+
+    def __init__(self, folder, top_k: int, flush: Callable[[], None] | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.top_k, self.flush = top_k, flush
+
+    def _path(self, shard: range):
+        return self.folder / f"shard-{shard.start:012d}-{shard.stop:012d}.pt"
+
+    def load(self, shard: range) -> TopK | None:
+        path = self._path(shard)
+        if not path.is_file():
+            return None
+        return TopK.from_state(self.top_k, torch.load(path, weights_only=True))
+
+    def save(self, shard: range, top: TopK) -> None:
+        if self.flush is not None:
+            self.flush()
+        path = self._path(shard)
+        partial = path.with_suffix(".partial")
+        torch.save(top.state(), partial)
+        os.replace(partial, path)
+
+    def count(self) -> int:
+        return len(list(self.folder.glob("shard-*.pt")))
+
+
+def _size(batch: Any) -> int:
+    return int(torch.utils._pytree.tree_leaves(batch)[0].shape[0])
 
 
 def naive_scores(

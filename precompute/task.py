@@ -3,16 +3,22 @@
 A task names the data of both stages, the trained models, which parameters are SHARED (W, the
 pretrained embedding reused by finetuning) and the per-example losses. Everything else about a
 model is the task's business. See DESIGN.md section 4.
+
+`MultiStageTask` is an abstract base class: its 11 required methods are abstract, and its
+optional hooks are declared with defaults that mark them as not provided, so that `has_hook`
+tells whether a task supplies one (an editor or type checker shows both from the class).
 """
 
 from __future__ import annotations
 
+import abc
 import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,22 +26,37 @@ SCENARIOS = ("fixed", "updated")
 
 BUILTIN_TASKS = {
     "digits": "precompute.tasks.digits:DigitsTask",
+    "digits-cnn": "precompute.tasks.digits_cnn:DigitsCNNTask",
     "news": "precompute.tasks.news:NewsTask",
+    "news-bert": "precompute.tasks.news_bert:NewsBertTask",
 }
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_DEFAULT_HOOK = "__msif_default_hook__"  # marks the base class's "not provided" defaults
 
 
 class TaskError(ValueError):
     """A task (or its data or models) breaks the contract; the message is one sentence."""
 
 
-class MultiStageTask:
-    """Base class of every msif task. Subclass it and implement the methods below.
+def _default_hook(method: _F) -> _F:
+    """Mark `method` as the base class's stand-in for an optional hook a task did not provide."""
+    setattr(method, _DEFAULT_HOOK, True)
+    return method
+
+
+class MultiStageTask(abc.ABC):
+    """Base class of every msif task. Subclass it and implement the abstract methods below.
 
     Notation (DESIGN.md section 2): W = shared parameters, U = pretraining-only parameters,
     T = finetuning-only parameters. Pretraining minimises
     G(W, U) = (1/m) sum_i g(z_i; W, U) + (pretrain_l2/2)(|W|^2 + |U|^2); finetuning minimises
     (1/n) sum_j f(x_j; W, T) + (finetune_l2/2)|T|^2 over T (FIXED) or, in UPDATED, over (W, T)
     with (finetune_l2/2)|W|^2 + (proximal_alpha/2)|W - W_pt|^2 added.
+
+    Required: the 11 abstract methods (`REQUIRED_METHODS`). Optional (`OPTIONAL_HOOKS`, ask
+    `has_hook(task, name)` whether a task provides one): `fit_pretrained` and `fit_finetuned`
+    (validation by retraining), `finetune_class_names` and `describe_many`.
     """
 
     name: str = "task"
@@ -44,50 +65,84 @@ class MultiStageTask:
     finetune_l2: float = 0.0
     proximal_alpha: float = 1.0
 
-    # data: map-style datasets; batches come from a DataLoader with default collation
+    # ------------------------------------------------------------------- data (required)
+    # map-style datasets; batches come from a DataLoader with default collation
+    @abc.abstractmethod
     def pretrain_data(self) -> torch.utils.data.Dataset:
-        raise NotImplementedError
+        """The m pretraining examples z_1..z_m (map-style, with a length)."""
 
+    @abc.abstractmethod
     def finetune_train_data(self) -> torch.utils.data.Dataset:
-        raise NotImplementedError
+        """The n finetuning training examples x_1..x_n (map-style, with a length)."""
 
+    @abc.abstractmethod
     def finetune_test_data(self) -> torch.utils.data.Dataset:
-        raise NotImplementedError
+        """The finetuning test examples t whose predictions are explained."""
 
-    # models: trained; the shared parameter names exist in both
+    # ----------------------------------------------------------------- models (required)
+    @abc.abstractmethod
     def pretrained_model(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The trained pretrained model (W_pt, U_pt)."""
 
+    @abc.abstractmethod
     def finetuned_model(self, scenario: str) -> torch.nn.Module:
-        raise NotImplementedError
+        """The trained finetuned model (W, T) of `scenario` ("fixed": W = W_pt; "updated")."""
 
+    @abc.abstractmethod
     def shared_parameters(self) -> list[str]:
-        raise NotImplementedError
+        """Names (as in named_parameters()) of W's parameters, present in every model."""
 
-    # losses and outputs, per example
+    # ------------------------------------------------ losses and outputs, per example (required)
+    @abc.abstractmethod
     def pretrain_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Per-example pretraining loss g(z; W, U), shape [B]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finetune_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Per-example finetuning loss f(x; W, T), shape [B]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finetune_logits(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Class logits of the finetuned model, shape [B, C]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def represent(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Shared representation, shape [B, d] (used for the embedding maps)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self, split: str, index: int) -> dict:
-        """{"label", "label_name", "text", "image"} of one example; split is pretrain or test."""
-        raise NotImplementedError
+        """{"label", "label_name", "text", "image"} of one example; split is pretrain or test.
 
-    # optional hooks for validation by retraining (msif validate):
-    #   fit_pretrained(keep: bool tensor over pretraining examples) -> trained pretrained model
-    #   fit_finetuned(pretrained_model, scenario) -> trained finetuned model
+        label: int or None; label_name: str or None; text: str or None; image: an HxW or HxWxC
+        uint8 array, or None.
+        """
+
+    # ------------------------------------------------------------------- optional hooks
+    finetune_class_names: dict[int, str] | None = None
+    """{class id: name} of the finetuning classes, or None (the default): then the names come
+    from the `label_name` of the test examples. A dict attribute or a property."""
+
+    @_default_hook
+    def fit_pretrained(self, keep: torch.Tensor) -> torch.nn.Module:
+        """Retrain the pretraining stage on the examples where `keep` is True; return the model.
+
+        `keep` is a bool tensor of shape [m]. The data term keeps the full count m,
+        (1/m) sum_{i kept} g(z_i), so that removing z is upweighting it by -1/m, the change the
+        score predicts. Used by `msif validate` (with `fit_finetuned`); not provided by default.
+        """
+        raise TaskError(f"task {self.name!r} has no fit_pretrained() hook, needed to retrain")
+
+    @_default_hook
+    def fit_finetuned(self, pretrained_model: torch.nn.Module, scenario: str) -> torch.nn.Module:
+        """Finetune from `pretrained_model` (its W is W_pt, the UPDATED proximal anchor) in
+        `scenario`; return the trained finetuned model. Not provided by default."""
+        raise TaskError(f"task {self.name!r} has no fit_finetuned() hook, needed to retrain")
+
+    @_default_hook
+    def describe_many(self, split: str, indices: Sequence[int]) -> list[dict]:
+        """describe(split, i) for every i in `indices`, in order; a task may provide a vectorised
+        version (one read of its source for many examples). The default loops over describe."""
+        return [self.describe(split, int(i)) for i in indices]
 
 
 REQUIRED_METHODS = (
@@ -103,6 +158,27 @@ REQUIRED_METHODS = (
     "represent",
     "describe",
 )
+OPTIONAL_HOOKS = ("fit_pretrained", "fit_finetuned", "finetune_class_names", "describe_many")
+
+
+def has_hook(task: MultiStageTask, name: str) -> bool:
+    """Whether `task` provides the optional hook `name` (one of OPTIONAL_HOOKS).
+
+    A method hook counts when it is callable and not the base class's default; the
+    `finetune_class_names` attribute when it is not None.
+    """
+    if name not in OPTIONAL_HOOKS:
+        raise ValueError(f"{name!r} is not an optional hook: use one of {OPTIONAL_HOOKS}")
+    value = getattr(task, name, None)
+    if name == "finetune_class_names":
+        return value is not None
+    return callable(value) and not getattr(value, _DEFAULT_HOOK, False)
+
+
+def _missing_methods(cls: type) -> list[str]:
+    """The abstract methods `cls` leaves unimplemented, required ones in contract order."""
+    missing = set(getattr(cls, "__abstractmethods__", ()))
+    return [n for n in REQUIRED_METHODS if n in missing] + sorted(missing - set(REQUIRED_METHODS))
 
 
 def load_task(spec: str) -> MultiStageTask:
@@ -137,9 +213,7 @@ def load_task(spec: str) -> MultiStageTask:
         raise TaskError(f"task class {class_name!r} not found in {where!r}")
     if not (inspect.isclass(cls) and issubclass(cls, MultiStageTask)):
         raise TaskError(f"{target!r} is not a subclass of precompute.MultiStageTask")
-    missing = [
-        name for name in REQUIRED_METHODS if getattr(cls, name) is getattr(MultiStageTask, name)
-    ]
+    missing = _missing_methods(cls)  # instantiating it would raise a bare TypeError
     if missing:
         raise TaskError(f"task {target!r} does not implement {', '.join(missing)}")
     try:

@@ -9,7 +9,6 @@ random ones.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,8 +19,16 @@ from scipy import stats
 from torch.utils.data import Subset
 
 from precompute.objective import batches
-from precompute.rundir import RunError, read_manifest, read_table, read_test_scores, to_table
-from precompute.task import MultiStageTask, TaskError, call
+from precompute.rundir import (
+    RunError,
+    check_ids,
+    manifest_json,
+    read_manifest,
+    read_table,
+    read_test_scores_checked,
+    to_table,
+)
+from precompute.task import MultiStageTask, TaskError, call, has_hook
 
 
 def choose(top: pd.DataFrame, m: int, q: int, n: int, tests: int, seed: int):
@@ -32,6 +39,18 @@ def choose(top: pd.DataFrame, m: int, q: int, n: int, tests: int, seed: int):
     chosen = list(dict.fromkeys(strongest["pretrain_id"].tolist()))[:n]
     others = [i for i in rng.permutation(m).tolist() if i not in chosen]
     return test_ids, chosen + others[: n - len(chosen)]
+
+
+def check_positions(pretrain_ids: pd.Index, test_ids: pd.Index) -> tuple[int, int]:
+    """(m, q) when the run's ids are the positions 0..m-1 and 0..q-1 of the task's data, which
+    retraining without an example needs; RunError (one sentence) otherwise."""
+    for name, ids in (("pretrain", pretrain_ids), ("test", test_ids)):
+        if len(ids) and (ids.min() != 0 or ids.max() != len(ids) - 1):
+            raise RunError(
+                f"{name}.parquet holds {name}_id {ids.max() if ids.min() == 0 else ids.min()}: "
+                f"msif validate needs the ids 0..{len(ids) - 1}, the positions in the task's data"
+            )
+    return len(pretrain_ids), len(test_ids)
 
 
 def test_losses(task: MultiStageTask, model, dataset) -> torch.Tensor:
@@ -58,18 +77,28 @@ def validate(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     for hook in ("fit_pretrained", "fit_finetuned"):
-        if not callable(getattr(task, hook, None)):
+        if not has_hook(task, hook):
             raise TaskError(f"task {task.name!r} has no {hook}() hook, needed to retrain")
     if manifest.get("task") != task.name:
         raise RunError(f"{run_dir} is a run of task {manifest.get('task')!r}, not {task.name!r}")
-    scenarios = manifest["scenarios"]
-    m, q = manifest["counts"]["pretrain"], manifest["counts"]["test"]
+    scenarios = manifest.get("scenarios")
+    if not isinstance(scenarios, list) or not all(isinstance(x, str) for x in scenarios):
+        raise RunError(f"{run_dir}/manifest.json has no list of scenarios")
     top = read_table(run_dir, "top")
+    # validation.parquet is about to be replaced, so an old one's ids do not matter
+    known_pretrain, known_test = check_ids(run_dir, {"top": top, "validation": None}, manifest)
+    m, q = check_positions(known_pretrain, known_test)
+    all_tests = call(task, "finetune_test_data")
+    if len(all_tests) != q:
+        raise RunError(
+            f"{run_dir} holds {q} tests but task {task.name!r} has {len(all_tests)}: "
+            "it is not a run of this task's data"
+        )
     test_ids, pretrain_ids = choose(top, m, q, n, tests, seed)
     predicted = {}
     for s in scenarios:
         for t in test_ids:
-            scores = read_test_scores(run_dir, s, t)
+            scores = read_test_scores_checked(run_dir, s, t, known_pretrain)
             if scores is None:  # no full scores: only the top-k pairs are known
                 scores = top[(top["scenario"] == s) & (top["test_id"] == t)]
             predicted.update(
@@ -78,7 +107,7 @@ def validate(
                     for z, v in zip(scores["pretrain_id"], scores["score"], strict=True)
                 }
             )
-    test_data = Subset(call(task, "finetune_test_data"), test_ids)
+    test_data = Subset(all_tests, test_ids)
     m_all = torch.ones(m, dtype=torch.bool)
     base_pretrained = call(task, "fit_pretrained", m_all)
     base = {
@@ -135,5 +164,5 @@ def write_validation(run_dir: Path, frame: pd.DataFrame, manifest: dict) -> None
     summary.update({s: correlations(g) for s, g in frame.groupby("scenario")})
     manifest = {**manifest, "validation": summary}
     tmp = run_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.write_text(manifest_json(manifest))
     os.replace(tmp, run_dir / "manifest.json")

@@ -46,10 +46,10 @@ def test_corrected_eigenvalues_are_gradient_second_moments(fitted, layer):
     names = [block.weight] + ([block.bias] if block.bias else [])
     g = per_example_block_gradients(model, data, names)  # [n, out, in] (Embedding: [n, V, d])
     if layer == "emb":
-        rotated = g @ block.q_s
-    else:
-        rotated = block.q_s.T @ g @ block.q_a
-    torch.testing.assert_close(block.eigenvalues, (rotated**2).mean(0), rtol=1e-9, atol=1e-14)
+        rotated, eigenvalues = g @ block.q_s, block.eigenvalues
+    else:  # one group: [1, out, out], [1, in, in]
+        rotated, eigenvalues = block.q_s[0].T @ g @ block.q_a[0], block.eigenvalues[0]
+    torch.testing.assert_close(eigenvalues, (rotated**2).mean(0), rtol=1e-9, atol=1e-14)
 
 
 def test_solve_inverts_the_dense_approximation(fitted):
@@ -63,9 +63,9 @@ def test_solve_inverts_the_dense_approximation(fitted):
                 torch.eye(block.eigenvalues.shape[0], dtype=torch.float64), block.q_s.contiguous()
             )
             index = list(range(offsets[block.weight], offsets[block.weight] + basis.shape[0]))
-        else:  # weight [out, in] row-major with the bias as an extra last column
-            basis = torch.kron(block.q_s.contiguous(), block.q_a.contiguous())
-            out, inp = block.q_s.shape[0], block.q_a.shape[0] - 1
+        else:  # weight [out, in] row-major with the bias as an extra last column; one group
+            basis = torch.kron(block.q_s[0].contiguous(), block.q_a[0].contiguous())
+            out, inp = block.q_s.shape[1], block.q_a.shape[1] - 1
             w0, b0 = offsets[block.weight], offsets[block.bias]
             index = [
                 w0 + o * inp + i if i < inp else b0 + o for o in range(out) for i in range(inp + 1)

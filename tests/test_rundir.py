@@ -11,6 +11,7 @@ import pytest
 from tiny_task import TinyTask
 
 from precompute import pipeline
+from precompute.outpath import OutPathError
 from precompute.pipeline import PrecomputeConfig, precompute
 from precompute.rundir import (
     TABLE_SCHEMAS,
@@ -87,7 +88,7 @@ def test_predictions_agree_with_the_labels(tiny_run):
 
 def test_existing_complete_run_is_kept_without_overwrite(tiny_run):
     before = (tiny_run / "manifest.json").read_text()
-    with pytest.raises(RunError, match="already holds a complete run"):
+    with pytest.raises(OutPathError, match="already holds an msif run; pass --overwrite"):
         RunWriter(tiny_run)
     assert (tiny_run / "manifest.json").read_text() == before
 
@@ -100,7 +101,10 @@ def test_crash_mid_run_leaves_no_complete_looking_run(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="power cut"):
         precompute(TinyTask(), out, PrecomputeConfig(maps=False), log=lambda message: None)
-    assert list(tmp_path.iterdir()) == []
+    assert not out.exists()
+    # only the hidden checkpoints, for --resume
+    (kept,) = tmp_path.iterdir()
+    assert kept.name.startswith(".run.tmp-") and not (kept / "manifest.json").exists()
 
 
 def test_crash_during_overwrite_keeps_the_old_run(tiny_run, tmp_path, monkeypatch):
@@ -113,7 +117,8 @@ def test_crash_during_overwrite_keeps_the_old_run(tiny_run, tmp_path, monkeypatc
     with pytest.raises(pipeline.StageError, match="stage pretraining_pass failed: ZeroDivision"):
         precompute(TinyTask(), copy, config, log=lambda message: None)
     assert read_manifest(copy)["created_at"] == read_manifest(tiny_run)["created_at"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    visible = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".run.tmp-")]
+    assert visible == ["run"]  # the old run, and the new one's checkpoints hidden beside it
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from precompute.objective import ParamSpace
-from precompute.scoring import Contraction, TopK, naive_scores, score_pretraining
+from precompute.scoring import Contraction, ShardStore, TopK, naive_scores, score_pretraining
 
 
 class SeqNet(nn.Module):
@@ -85,7 +85,7 @@ def test_contraction_check_catches_a_wrong_layer_rule():
     contraction = Contraction(model, loss_fn, space, s)
     batch = data[:8]
     assert contraction.check(batch)
-    contraction.s_by_param[id(model.lin.weight)] = contraction.s_by_param[id(model.lin.weight)] * 2
+    contraction.s_weight[model.lin] = contraction.s_weight[model.lin] * 2
     assert not contraction.check(batch)
 
 
@@ -134,3 +134,56 @@ def test_weight_tied_between_embedding_and_linear_layers():
     result, fast = streamed(model, data, space, s)
     assert result.path == "layers"
     torch.testing.assert_close(fast, naive_scores(model, loss_fn, data, space, s))
+
+
+def test_top_k_merge_of_parts_equals_one_list():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    ids = torch.arange(50)[None, :]
+    whole = TopK(6)
+    whole.update(scores, ids)
+    parts = TopK(6)
+    for cut in ((0, 13), (13, 14), (14, 50)):
+        part = TopK(6)
+        part.update(scores[:, cut[0] : cut[1]], ids[:, cut[0] : cut[1]])
+        parts.merge(part)
+    for name in ("helpful_scores", "helpful_ids", "harmful_scores", "harmful_ids"):
+        assert torch.equal(getattr(parts, name), getattr(whole, name)), name
+
+
+def test_sharded_pass_equals_one_pass():
+    model, data, space, s = setup(q=3)
+    one, full = streamed(model, data, space, s, k=4)
+    columns = {}
+    sharded = score_pretraining(
+        model, loss_fn, data, space, s, 4, batch_size=4, shard_size=7,
+        sink=lambda start, scores: columns.__setitem__(start, scores.clone()),
+    )  # fmt: skip
+    torch.testing.assert_close(torch.cat([columns[i] for i in sorted(columns)], 1), full)
+    assert torch.equal(sharded.top.helpful_ids, one.top.helpful_ids)
+    assert torch.equal(sharded.top.harmful_ids, one.top.harmful_ids)
+
+
+def test_interrupted_pass_resumes_from_its_finished_shards(tmp_path):
+    model, data, space, s = setup(q=3)
+    one, _ = streamed(model, data, space, s, k=4)
+    seen = []
+
+    def crash_in_third_shard(start, scores):
+        seen.append(start)
+        if start >= 14:
+            raise KeyboardInterrupt
+
+    store = ShardStore(tmp_path / "pass", top_k=4)
+    with pytest.raises(KeyboardInterrupt):
+        score_pretraining(model, loss_fn, data, space, s, 4, 7, crash_in_third_shard, None, 7,
+                          store)  # fmt: skip
+    assert store.count() == 2  # shards 0..6 and 7..13 are finished
+    seen.clear()
+    resumed = score_pretraining(
+        model, loss_fn, data, space, s, 4, 7, lambda start, x: seen.append(start), None, 7,
+        ShardStore(tmp_path / "pass", top_k=4),
+    )  # fmt: skip
+    assert seen == [14, 21, 28, 35]  # only the shards not finished ran again
+    assert torch.equal(resumed.top.helpful_ids, one.top.helpful_ids)
+    torch.testing.assert_close(resumed.top.harmful_scores, one.top.harmful_scores)

@@ -52,6 +52,7 @@ class TinyTask(MultiStageTask):
     finetune_l2 = 0.05
     proximal_alpha = 0.5
     m, n, q = 200, 20, 6
+    net = TinyNet  # net(classes) -> a module with .encoder (the shared W) and .head
 
     def __init__(self, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -127,7 +128,7 @@ class TinyTask(MultiStageTask):
         x, y = self.pre.tensors
         weight = torch.ones(len(x), dtype=x.dtype) if keep is None else keep.to(x.dtype)
         torch.manual_seed(1)
-        model = TinyNet(3).double()
+        model = self.net(3).double()
         if start is not None:
             model.load_state_dict(start.state_dict())
 
@@ -144,7 +145,7 @@ class TinyTask(MultiStageTask):
     def _finetune(self, pretrained, scenario, start):
         x, y = self.train.tensors
         torch.manual_seed(2)
-        model = TinyNet(2).double()
+        model = self.net(2).double()
         model.encoder.load_state_dict(pretrained.encoder.state_dict())
         if start is not None:
             model.head.load_state_dict(start.head.state_dict())
@@ -176,3 +177,107 @@ class TinyTask(MultiStageTask):
 
             minimise(objective, list(model.parameters()))
         return model.eval()
+
+
+class BrieflyTrainedTask(TinyTask):
+    """TinyTask whose pretrained model is far from its optimum and unregularised, as a model
+    trained by a few SGD steps is: its pretraining Hessian is indefinite."""
+
+    name = "tiny-brief"
+    pretrain_l2 = 0.0
+
+    def pretrained_model(self):
+        if self._pretrained is None:
+            torch.manual_seed(3)
+            model = TinyNet(3).double()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(4)
+            self._pretrained = model.eval()
+        return self._pretrained
+
+
+class SlowTask(TinyTask):
+    """TinyTask that stops for a while in describe(), to be killed mid-run."""
+
+    name = "tiny-slow"
+
+    def describe(self, split, index):
+        import time
+
+        time.sleep(60 if index == 0 and split == "pretrain" else 0)
+        return super().describe(split, index)
+
+
+class _SlowFromHalf(TensorDataset):
+    """Items from the middle on take a while: a pass over them can be killed midway."""
+
+    def __getitem__(self, index):
+        if index >= len(self) // 2:
+            import time
+
+            time.sleep(0.05)
+        return super().__getitem__(index)
+
+
+class SlowPassTask(TinyTask):
+    """TinyTask whose pretraining pass slows down halfway (item-by-item loading)."""
+
+    name = "tiny"  # the same run as TinyTask's
+
+    def pretrain_data(self):
+        return _SlowFromHalf(*self.pre.tensors)
+
+
+class SlowLossTask(TinyTask):
+    """TinyTask whose pretraining loss takes a while per batch (a worker can be killed
+    mid-shard)."""
+
+    name = "tiny"
+
+    def pretrain_loss(self, model, batch):
+        import os
+        import time
+        from pathlib import Path
+
+        if len(batch[0]) > 4:  # the pass's batches (the checks use 2)
+            time.sleep(0.3)
+            pids = os.environ.get("MSIF_TEST_PIDS")  # where each process says it scores
+            if pids:
+                (Path(pids) / str(os.getpid())).touch()
+        return super().pretrain_loss(model, batch)
+
+
+def rows_to_inputs(table):
+    """A pyarrow Table of pretraining rows (x0..x3, y) as the batch (x [n, 4], y [n])."""
+    import numpy as np
+
+    x = np.stack([table.column(f"x{i}").to_numpy() for i in range(4)], 1)
+    return [torch.from_numpy(x), torch.from_numpy(table.column("y").to_numpy())]
+
+
+class ParquetTinyTask(TinyTask):
+    """TinyTask whose pretraining examples are rows of three parquet files (row groups of 30),
+    read through precompute.parquet_data.ParquetRows."""
+
+    def __init__(self, seed: int = 0):
+        import tempfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        super().__init__(seed)
+        folder = tempfile.mkdtemp(prefix="msif-parquet-")
+        x, y = self.pre.tensors
+        self.paths = []
+        for number, (start, stop) in enumerate(((0, 70), (70, 71), (71, len(x)))):
+            columns = {f"x{i}": x[start:stop, i].numpy() for i in range(4)}
+            path = f"{folder}/part-{number}.parquet"
+            pq.write_table(pa.table({**columns, "y": y[start:stop].numpy()}), path,
+                           row_group_size=30)  # fmt: skip
+            self.paths.append(path)
+
+    def pretrain_data(self):
+        from precompute.parquet_data import ParquetRows
+
+        return ParquetRows(self.paths, rows_to_inputs)

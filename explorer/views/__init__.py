@@ -1,11 +1,13 @@
 """One module per view, each with a `render(run, selection)` function.
 
-View modules are imported when first shown, so opening the main view does not pay for plotly.
+View modules are imported when first shown, so opening the main view does not pay for plotly;
+`preload` imports the others in the background once the first page is drawn.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
 from types import ModuleType
 
 VIEW_MODULES = {
@@ -23,3 +25,23 @@ VIEW_MODULES = {
 def view_module(view: str) -> ModuleType:
     """The module that draws `view` (a key of explorer.state.VIEWS)."""
     return importlib.import_module(VIEW_MODULES[view])
+
+
+_preloading = threading.Lock()
+_preloaded = False
+
+
+def preload() -> None:
+    """Import every view module in a background thread, once per process, so that the first
+    visitor of the map (plotly, about a second of imports) does not wait for them."""
+    global _preloaded
+    with _preloading:
+        if _preloaded:
+            return
+        _preloaded = True
+
+    def run() -> None:
+        for name in VIEW_MODULES.values():
+            importlib.import_module(name)
+
+    threading.Thread(target=run, name="msif-preload", daemon=True).start()

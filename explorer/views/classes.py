@@ -3,46 +3,49 @@ and across all tests a heatmap of test class x pretraining class (mean score).""
 
 from __future__ import annotations
 
-import html
-
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from explorer import data
 from explorer.data import Run
-from explorer.render import DIVERGING, HARMFUL, HELPFUL
+from explorer.render import DIVERGING, HARMFUL, HELPFUL, caption, note, plotly_text
 from explorer.state import Selection
 
 
 def _escaped(names) -> list[str]:
     """Class names for plotly, which would otherwise render tags found in the data."""
-    return [html.escape(str(name)) for name in names]
+    return [plotly_text(name) for name in names]
 
 
 def class_mass(run: Run, selection: Selection) -> tuple[pd.DataFrame, str]:
     """Helpful (sum of positive scores) and harmful (sum of negative) mass per pretrain class."""
-    scores = data.test_scores(run, selection.scenario, selection.test_id)
-    if scores is None:
+    classes = data.pretrain_classes(run)
+    values = data.score_values(run, selection.scenario, selection.test_id)
+    if values is None:
         top = pd.concat(
             [
                 data.top_list(run, selection.scenario, selection.test_id, kind, run.top_k)
                 for kind in ("helpful", "harmful")
             ]
         )
-        scores = top.set_index("pretrain_id")["score"]
+        codes = classes.cat.codes.reindex(top["pretrain_id"]).fillna(-1).to_numpy(np.int64)
+        values = top["score"].to_numpy(np.float64)
         source = "the top-k lists only (no scores.parquet)"
     else:
+        codes = classes.cat.codes.to_numpy()
         source = "all pretraining examples"
-    labels = data.class_names(run.pretrain)
-    frame = pd.DataFrame({"score": scores.astype(float), "class": labels.reindex(scores.index)})
+    use = (codes >= 0) & np.isfinite(values)
+    codes, values = codes[use], values[use].astype(np.float64)
+    size = len(classes.cat.categories)
+    helpful = np.bincount(codes, weights=np.clip(values, 0, None), minlength=size)
+    harmful = np.bincount(codes, weights=np.clip(values, None, 0), minlength=size)
+    present = np.bincount(codes, minlength=size) > 0
     mass = pd.DataFrame(
-        {
-            "helpful": frame["score"].clip(lower=0).groupby(frame["class"]).sum(),
-            "harmful": frame["score"].clip(upper=0).groupby(frame["class"]).sum(),
-        }
+        {"helpful": helpful, "harmful": harmful}, index=pd.Index(classes.cat.categories)
     )
-    return mass, source
+    return mass[present], source
 
 
 def render(run: Run, selection: Selection) -> None:
@@ -69,9 +72,9 @@ def render(run: Run, selection: Selection) -> None:
     st.subheader("All tests: test class × pretraining class")
     heat, source = data.class_heatmap(run, selection.scenario)
     if heat.empty:
-        st.info("No scores to aggregate in this scenario.")
+        note("info", "No scores to aggregate in this scenario.")
         return
-    st.caption(f"Mean score over {source}, {selection.scenario} scenario.")
+    caption(f"Mean score over {source}, {selection.scenario} scenario.")
     heat = heat.reindex(
         index=[c for c in order if c in heat.index], columns=[c for c in order if c in heat.columns]
     )

@@ -9,7 +9,7 @@ import streamlit as st
 
 from explorer import data, state
 from explorer.data import Run
-from explorer.render import label_text
+from explorer.render import label_text, markdown_literal, note
 from explorer.state import VIEWS, Selection
 
 
@@ -18,6 +18,7 @@ def _test_labels(run_key: str, stamp: float, scenario: str) -> dict[int, str]:
     """ "Test 12 · seven ✗ → one" for every test, computed once per run and scenario."""
     run = data.load_run(Path(run_key))
     preds = run.predictions[run.predictions["scenario"] == scenario].set_index("test_id")
+    unconverged = run.unconverged.get(scenario, frozenset())
     labels = {}
     for test_id, row in run.test.iterrows():
         text = f"Test {test_id} · {label_text(row)}"
@@ -25,6 +26,8 @@ def _test_labels(run_key: str, stamp: float, scenario: str) -> dict[int, str]:
             pred = preds.loc[test_id]
             mark = "✓" if bool(pred["correct"]) else "✗ → " + label_text(pred, "pred_name", "pred")
             text += f" {mark}"
+        if test_id in unconverged:
+            text += " · solve not converged"
         labels[int(test_id)] = text
     return labels
 
@@ -48,6 +51,7 @@ def render(run: Run, selection: Selection) -> None:
         "Scenario",
         run.scenarios,
         key="scenario_pick",
+        format_func=markdown_literal,  # its labels are Markdown; scenario names are run data
         required=True,
         on_change=state.set_param,
         args=("scenario", "scenario_pick"),
@@ -97,7 +101,7 @@ def render(run: Run, selection: Selection) -> None:
         "and both stages retrained. Positive: **helpful**; negative: **harmful**."
     )
     if not run.has_scores:
-        sidebar.info("This run has no scores.parquet: views use the top-k lists only.", icon="ℹ️")
+        note("info", "This run has no scores.parquet: views use the top-k lists only.", sidebar)
 
 
 def view_switch(selection: Selection) -> None:

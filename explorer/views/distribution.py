@@ -9,38 +9,49 @@ import streamlit as st
 
 from explorer import data
 from explorer.data import Run
-from explorer.render import HARMFUL, HELPFUL, NEUTRAL
+from explorer.render import HARMFUL, HELPFUL, NEUTRAL, note
 from explorer.state import Selection
 
 
 def render(run: Run, selection: Selection) -> None:
-    scores = data.test_scores(run, selection.scenario, selection.test_id)
+    summary = data.score_summary(run, selection.scenario, selection.test_id)
     helpful = data.top_list(run, selection.scenario, selection.test_id, "helpful", selection.k)
     harmful = data.top_list(run, selection.scenario, selection.test_id, "harmful", selection.k)
-    if scores is None:
-        st.info(
+    if summary is None:
+        note(
+            "info",
             "This run has no scores.parquet: the distribution below covers the top-k "
-            "lists only, not every pretraining example."
+            "lists only, not every pretraining example.",
         )
-        values = np.concatenate([helpful["score"], harmful["score"]]).astype(float)
-    else:
-        values = scores.to_numpy(dtype=float)
-    if values.size == 0:
-        st.info("No scores are stored for this test.")
+        summary = data.summarise(np.concatenate([helpful["score"], harmful["score"]]))
+    if summary["count"] == 0:
+        note("info", "No scores are stored for this test.")
         return
 
-    mass = data.influence_mass(values)
+    mass = summary["mass"]
     columns = st.columns(3)
     for column, (fraction, count) in zip(columns, mass.items(), strict=True):
         column.metric(
             f"examples carrying {fraction:.0%} of |influence|",
             f"{count:,}",
-            help=f"{count / values.size:.2%} of the {values.size:,} scores shown",
+            help=f"{count / summary['count']:.2%} of the {summary['count']:,} scores shown",
             border=True,
         )
 
     left, right = st.columns(2)
-    hist = go.Figure(go.Histogram(x=values, nbinsx=120, marker_color=NEUTRAL, name="scores"))
+    # binned here: a histogram trace would send every score to the browser
+    counts, edges = summary["histogram"]
+    hist = go.Figure(
+        go.Bar(
+            x=(edges[:-1] + edges[1:]) / 2,
+            y=counts,
+            width=np.diff(edges),
+            marker_color=NEUTRAL,
+            marker_line_width=0,
+            name="scores",
+            hovertemplate="score %{x:.3g}: %{y:,} examples<extra></extra>",
+        )
+    )
     for rows, colour, kind in ((helpful, HELPFUL, "helpful"), (harmful, HARMFUL, "harmful")):
         if len(rows):
             cut = float(rows["score"].iloc[-1])
@@ -58,18 +69,16 @@ def render(run: Run, selection: Selection) -> None:
         xaxis_title="score",
         yaxis_title="examples (log)",
         showlegend=False,
+        bargap=0,
         title="Histogram of scores",
     )
     left.plotly_chart(hist, config={"displaylogo": False})
 
-    magnitude = np.sort(np.abs(values))[::-1]
-    cumulative = np.cumsum(magnitude) / magnitude.sum() if magnitude.sum() else magnitude
-    ranks = np.arange(1, magnitude.size + 1)
-    step = max(1, magnitude.size // 4000)  # a few thousand points draw the same curve
+    ranks, cumulative = summary["curve"]
     curve = go.Figure(
         go.Scattergl(
-            x=ranks[::step],
-            y=cumulative[::step],
+            x=ranks,
+            y=cumulative,
             mode="lines",
             line_color="#1f3a93",
             name="cumulative share",

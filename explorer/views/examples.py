@@ -11,7 +11,7 @@ import streamlit as st
 
 from explorer import data
 from explorer.data import Run
-from explorer.render import content_words, example_cards, list_header
+from explorer.render import content_words, example_cards, list_header, note
 from explorer.state import Selection
 
 EXPORT_COLUMNS = [
@@ -28,9 +28,9 @@ EXPORT_COLUMNS = [
 
 def total_influence(run: Run, selection: Selection) -> tuple[float | None, str]:
     """Sum of |score| over every pretraining example (the share's denominator), and its name."""
-    scores = data.test_scores(run, selection.scenario, selection.test_id)
-    if scores is not None:
-        return float(scores.abs().sum()), "of the total |score| over all pretraining examples"
+    total = data.total_influence(run, selection.scenario, selection.test_id)
+    if total is not None:
+        return total, "of the total |score| over all pretraining examples"
     top = pd.concat(
         [
             data.top_list(run, selection.scenario, selection.test_id, kind, run.top_k)
@@ -45,7 +45,7 @@ def _map_link(selection: Selection, pretrain_id: int) -> str:
     return selection.link(view="map", example=pretrain_id)
 
 
-def summary(lists: dict[str, pd.DataFrame], scores: pd.Series | None) -> str:
+def summary(lists: dict[str, pd.DataFrame], scores: dict | None) -> str:
     """One sentence a stakeholder can read: which classes dominate each list, and how
     concentrated the influence is."""
     parts = []
@@ -59,11 +59,10 @@ def summary(lists: dict[str, pd.DataFrame], scores: pd.Series | None) -> str:
             f"<b>{html.escape(top_name)}</b> ({count} of {len(rows)})"
         )
     sentence = "; ".join(parts)
-    if scores is not None and len(scores):
-        carry = data.influence_mass(scores.to_numpy(), fractions=(0.8,))[0.8]
+    if scores is not None and scores["count"]:
         sentence += (
-            f". {carry:,} of the {len(scores):,} pretraining examples carry 80% of the "
-            "total influence (sum of |score|)"
+            f". {scores['mass'][0.8]:,} of the {scores['count']:,} pretraining examples carry "
+            "80% of the total influence (sum of |score|)"
         )
     return f'<div class="msif-summary">{sentence[:1].upper() + sentence[1:]}.</div>'
 
@@ -74,7 +73,8 @@ def render(run: Run, selection: Selection) -> None:
         kind: data.top_list(run, selection.scenario, selection.test_id, kind, selection.k)
         for kind in ("helpful", "harmful")
     }
-    st.html(summary(lists, data.test_scores(run, selection.scenario, selection.test_id)))
+    # the lists first, the sentence above them after: a deep link shows its ids sooner
+    sentence = st.empty()
     subtitles = {
         "helpful": "Removing these would raise the test loss most (score > 0).",
         "harmful": "Removing these would lower the test loss most (score < 0).",
@@ -89,10 +89,11 @@ def render(run: Run, selection: Selection) -> None:
         with column:
             st.html(list_header(kind, subtitles[kind]))
             if rows.empty:
-                st.info(f"No {kind} examples are stored for this test.")
+                note("info", f"No {kind} examples are stored for this test.")
             else:
                 link = partial(_map_link, selection)
                 st.html(example_cards(rows, kind, total, link=link, shared=shared))
+    sentence.html(summary(lists, data.score_summary(run, selection.scenario, selection.test_id)))
     st.caption(f"Share = |score| {denominator}.")
     export = pd.concat(lists.values())
     export = export[[c for c in EXPORT_COLUMNS if c in export.columns]]

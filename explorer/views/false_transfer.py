@@ -11,15 +11,15 @@ import streamlit as st
 
 from explorer import data
 from explorer.data import Run
-from explorer.render import TEST_MARK, png_data_uri
+from explorer.render import TEST_MARK, heading, note, plotly_text, png_data_uri
 from explorer.state import Selection
 
 
 def offenders(run: Run, scenario: str, limit: int = 50) -> pd.DataFrame:
     """The `limit` pretraining examples most often in a test's top-k harmful list."""
     counts = data.harmful_counts(run, scenario).head(limit)
-    rows = run.pretrain.loc[counts["pretrain_id"]]
-    if rows["image_png"].notna().any():
+    rows = data.examples(run, counts["pretrain_id"])
+    if images(run):
         inputs = [png_data_uri(p, upscale_to=32) for p in rows["image_png"]]
     else:
         inputs = rows["text"].fillna("").astype(str).str.slice(0, 80).tolist()
@@ -35,18 +35,24 @@ def offenders(run: Run, scenario: str, limit: int = 50) -> pd.DataFrame:
     ), counts
 
 
+def images(run: Run) -> bool:
+    """Whether the run's inputs are images (then the input column shows pictures; deciding it
+    from the cells would let a text that starts "data:image" turn the column into images)."""
+    return run.has_images
+
+
 def render(run: Run, selection: Selection) -> None:
     scenario = selection.scenario
-    st.subheader(f"Pretraining examples harmful to the most predictions ({scenario})")
+    heading(f"Pretraining examples harmful to the most predictions ({scenario})")
     table, counts = offenders(run, scenario)
     if table.empty:
-        st.info("No harmful lists are stored for this scenario.")
+        note("info", "No harmful lists are stored for this scenario.")
         return
     st.caption(
         "Counted over every test's top-k harmful list; the summed score is over the wrong "
         "predictions only (more negative = more harm to them)."
     )
-    is_image = table["input"].astype(str).str.startswith("data:image").any()
+    is_image = images(run)
     st.dataframe(
         table,
         hide_index=True,
@@ -103,7 +109,7 @@ def render(run: Run, selection: Selection) -> None:
                 x=group["predicted"],
                 y=group["actual"],
                 mode="markers",
-                name=str(name),
+                name=plotly_text(name),
                 marker=dict(
                     size=8, color=TEST_MARK if name == scenario else "#9ca3af", opacity=0.8
                 ),

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer.data import Run
+from explorer.render import caption, heading
 from explorer.state import Selection
 
 LABELS = {
@@ -30,8 +31,8 @@ def _text(value) -> str:
 
 def render(run: Run, selection: Selection) -> None:
     manifest = run.manifest
-    st.subheader(f"Run {run.name}")
-    st.caption(str(run.path))
+    heading(f"Run {run.name}")
+    caption(str(run.path))
     rows = [(LABELS[k], _text(manifest[k])) for k in LABELS if k in manifest]
     rows += [
         (k, _text(v))
@@ -53,6 +54,6 @@ def render(run: Run, selection: Selection) -> None:
                 hide_index=True,
             )
     tables = sorted(p.name for p in run.path.glob("*.parquet"))
-    st.caption("Files: " + ", ".join(tables + ["manifest.json"]))
+    caption("Files: " + ", ".join(tables + ["manifest.json"]))
     with st.expander("manifest.json"):
         st.json(manifest)

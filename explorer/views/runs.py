@@ -6,7 +6,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from explorer import data
+from explorer.render import note
+from explorer.targets import find_runs, looks_like_run
 
 
 def _on_pick() -> None:
@@ -19,25 +20,26 @@ def _on_pick() -> None:
 def choose(target: Path) -> Path | None:
     """The run directory to show, or None after writing a message into the page."""
     if not target.exists():
-        st.error(f"No run at {target}: the folder does not exist.")
+        note("error", f"No run at {target}: the folder does not exist.")
         return None
     if not target.is_dir():
-        st.error(f"{target} is not a folder: give a run directory or a folder of runs.")
+        note("error", f"{target} is not a folder: give a run directory or a folder of runs.")
         return None
-    if data.looks_like_run(target):
+    if looks_like_run(target):
         return target
-    candidates = data.find_runs(target)
+    candidates = find_runs(target)
     if not candidates:
-        st.error(
+        note(
+            "error",
             f"{target} holds no msif run: a run directory has a manifest.json "
-            "(make one with `msif precompute --task digits --out RUN_DIR`)."
+            "(make one with msif precompute --task digits --out RUN_DIR).",
         )
         return None
     names = [p.name for p in candidates]
     wanted = st.query_params.get("run")
     if wanted not in names:
         if wanted is not None:
-            st.warning(f"There is no run named {wanted!r} in {target}; showing {names[0]!r}.")
+            note("warning", f'There is no run named "{wanted}" in {target}; showing "{names[0]}".')
         wanted = names[0]
         st.query_params["run"] = wanted
     st.session_state["run_pick"] = wanted

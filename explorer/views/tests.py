@@ -10,7 +10,7 @@ import streamlit as st
 
 from explorer import data, state
 from explorer.data import Run
-from explorer.render import png_data_uri
+from explorer.render import caption, note, png_data_uri
 from explorer.state import Selection
 
 SORTS = {
@@ -64,11 +64,11 @@ def render(run: Run, selection: Selection) -> None:
     if classes:
         table = table[table["label"].isin(classes)]
     if table.empty:
-        st.info("No test prediction matches these filters. Clear a filter to see tests again.")
+        note("info", "No test prediction matches these filters. Clear a filter to see tests again.")
         return
     column, ascending = SORTS[sort]
     table = table.sort_values(column, ascending=ascending, kind="stable").reset_index(drop=True)
-    st.caption(
+    caption(
         f"{len(table)} of {len(run.test)} test predictions ({selection.scenario}). "
         "Click a row to select it."
     )
@@ -80,7 +80,7 @@ def render(run: Run, selection: Selection) -> None:
         icon=":material/download:",
     )
     position = table.index[table["test_id"] == selection.test_id]
-    is_image = table["input"].astype(str).str.startswith("data:image").any()
+    is_image = bool(run.test["image_png"].notna().any())  # never decided from the cells
     # a new key whenever the rows or the selected test change, so the table shows the
     # selection of the URL rather than an old click
     key = f"picker_{selection.scenario}_{selection.test_id}_{hash(tuple(table['test_id']))}"

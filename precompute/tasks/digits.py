@@ -23,10 +23,7 @@ keyed by a hash of the hyper-parameters and `version`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.task import MultiStageTask
-from precompute.tasks.checkpoints import cache_root, load_or_train
+from precompute.tasks.base import BuiltinTask
 from precompute.tasks.training import newton_cg, sq_norm, warn_if_unconverged
 
 DTYPE = torch.float64
@@ -71,17 +67,21 @@ class _ArrayDataset(torch.utils.data.Dataset):
 def _inputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of a collated batch, x cast to the dtype and device of the model's weights."""
     x, y = batch[0], batch[1]
-    weight = model.encoder[0].weight  # the substituted tensor under torch.func.functional_call
+    weight = model.head.weight  # the substituted tensor under torch.func.functional_call
     return x.to(dtype=weight.dtype, device=weight.device), y.to(device=weight.device)
 
 
-class DigitsTask(MultiStageTask):
+class DigitsTask(BuiltinTask):
     """Pretrain an MLP on digits 0-4, finetune it on digits 5-9 (FIXED and UPDATED scenarios).
 
     Pretraining minimises G(W, U) = mean CE + (pretrain_l2/2)(|W|^2 + |U|^2) over the pretraining
     set. FIXED finetuning minimises mean CE + (finetune_l2/2)|T|^2 over the head T with the
     encoder W = W_pt fixed. UPDATED finetuning minimises mean CE + (finetune_l2/2)(|W|^2 + |T|^2)
     + (proximal_alpha/2)|W - W_pt|^2 over (W, T). W = encoder parameters, U/T = head parameters.
+
+    A subclass may swap the network: `new_pretrain_model()` / `new_finetune_model()` returning a
+    module with an `encoder` (W, called on the [B, 64] inputs) and a linear `head`, and
+    `shared_parameters()` naming the encoder's parameters (as `digits-cnn` does).
     """
 
     name = "digits"
@@ -100,13 +100,20 @@ class DigitsTask(MultiStageTask):
     max_rounds = 10  # alternations of L-BFGS and Newton-CG
     newton_steps = 20
     version = "1"
+    cache_fields = (
+        *BuiltinTask.cache_fields,
+        "n_finetune_train",
+        "split_seed",
+        "pretrain_seed",
+        "finetune_seed",
+        "grad_tol",
+    )
 
     def __init__(self) -> None:
+        super().__init__()
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self._source: dict[str, np.ndarray] = {}
         self._datasets: dict[str, _ArrayDataset] = {}
-        self._states: dict[str, dict[str, torch.Tensor]] = {}
-        self.fit_info: dict[str, dict] = {}  # per trained model: grad_norm, iterations, seconds
 
     # ----------------------------------------------------------------------------------- data
     def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -156,6 +163,12 @@ class DigitsTask(MultiStageTask):
         return ds.x, ds.y
 
     # ------------------------------------------------------------------------ losses, outputs
+    def new_pretrain_model(self) -> nn.Module:
+        return DigitsNet()
+
+    def new_finetune_model(self) -> nn.Module:
+        return DigitsNet()
+
     def shared_parameters(self) -> list[str]:
         return ["encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias"]
 
@@ -278,14 +291,14 @@ class DigitsTask(MultiStageTask):
                 break
         info["grad_norm"] = grad_norm
         info["seconds"] = time.perf_counter() - start
-        warn_if_unconverged(grad_norm, self.grad_tol, "digits task:", stacklevel=3)
+        warn_if_unconverged(grad_norm, self.grad_tol, f"{self.name} task:", stacklevel=3)
         return info
 
     def _train_pretrained(
         self, keep: torch.Tensor | None = None, init: dict | None = None
-    ) -> tuple[DigitsNet, dict]:
+    ) -> tuple[nn.Module, dict]:
         torch.manual_seed(self.pretrain_seed)
-        model = DigitsNet()
+        model = self.new_pretrain_model()
         if init is not None:
             model.load_state_dict(init)
         params = list(model.parameters())
@@ -294,12 +307,11 @@ class DigitsTask(MultiStageTask):
 
     def _train_finetuned(
         self, pretrained: nn.Module, scenario: str, init: dict | None = None
-    ) -> tuple[DigitsNet, dict]:
+    ) -> tuple[nn.Module, dict]:
         """Finetune from `pretrained` (W_pt); `init` warm-starts (W, T) (W only in UPDATED)."""
-        if scenario not in ("fixed", "updated"):
-            raise ValueError(f"unknown scenario {scenario!r}: use 'fixed' or 'updated'")
+        self.check_scenario(scenario)
         torch.manual_seed(self.finetune_seed)
-        model = DigitsNet()
+        model = self.new_finetune_model()
         encoder_pt = {
             k: v.detach().clone().to(DTYPE) for k, v in pretrained.encoder.state_dict().items()
         }
@@ -324,75 +336,3 @@ class DigitsTask(MultiStageTask):
             params = list(model.parameters())
             info = self._minimise(lambda: self.finetune_objective(model, "updated", anchor), params)
         return model, info
-
-    # ----------------------------------------------------------------------------- caching
-    def cache_dir(self) -> Path:
-        """Folder of this task's cached checkpoints: keyed by the hyper-parameters."""
-        key = {
-            "version": self.version,
-            "pretrain_l2": self.pretrain_l2,
-            "finetune_l2": self.finetune_l2,
-            "proximal_alpha": self.proximal_alpha,
-            "n_finetune_train": self.n_finetune_train,
-            "split_seed": self.split_seed,
-            "pretrain_seed": self.pretrain_seed,
-            "finetune_seed": self.finetune_seed,
-            "grad_tol": self.grad_tol,
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return cache_root() / f"digits-{digest}"
-
-    def _cached_state(self, name: str, train) -> dict[str, torch.Tensor]:
-        """State dict of model `name`: from memory, else the cache file, else train and save it.
-
-        The training record (gradient norm, iterations, seconds) goes to `fit_info[name]` and to
-        a JSON file beside the checkpoint, so a model loaded from the cache reports it too.
-        """
-        return load_or_train(
-            self.cache_dir(), name, train, DigitsNet, self._states, self.fit_info, stacklevel=3
-        )
-
-    @staticmethod
-    def _model(state: dict[str, torch.Tensor]) -> DigitsNet:
-        model = DigitsNet()
-        model.load_state_dict(state)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model.eval()
-
-    def pretrained_model(self) -> DigitsNet:
-        """The pretraining optimum (W_pt, U_pt); trained on first use, then loaded from cache."""
-        return self._model(self._cached_state("pretrained", self._train_pretrained))
-
-    def finetuned_model(self, scenario: str) -> DigitsNet:
-        """The finetuning optimum of `scenario` ("fixed" or "updated"), cached like the above."""
-        if scenario not in ("fixed", "updated"):
-            raise ValueError(f"unknown scenario {scenario!r}: use 'fixed' or 'updated'")
-
-        def train():
-            return self._train_finetuned(self.pretrained_model(), scenario)
-
-        return self._model(self._cached_state(f"finetuned-{scenario}", train))
-
-    # ----------------------------------------------------------------- validation by retraining
-    def fit_pretrained(self, keep: torch.Tensor) -> DigitsNet:
-        """Minimise G without the examples where keep is False (see pretrain_objective),
-        warm-started from the full pretrained optimum. Not cached."""
-        keep = torch.as_tensor(keep, dtype=torch.bool)
-        n = len(self.pretrain_data())
-        if keep.shape != (n,):
-            raise ValueError(f"keep must be a bool tensor of shape ({n},), got {tuple(keep.shape)}")
-        if not bool(keep.any()):
-            raise ValueError("keep removes every pretraining example")
-        init = self.pretrained_model().state_dict()
-        model, info = self._train_pretrained(keep, init=init)
-        self.fit_info["fit_pretrained"] = info
-        return self._model(model.state_dict())
-
-    def fit_finetuned(self, pretrained_model: nn.Module, scenario: str) -> DigitsNet:
-        """Finetune `pretrained_model` in `scenario`, warm-started from the full finetuned model
-        of that scenario; in UPDATED the proximal anchor W_pt is the given model's encoder."""
-        init = self.finetuned_model(scenario).state_dict()
-        model, info = self._train_finetuned(pretrained_model, scenario, init=init)
-        self.fit_info[f"fit_finetuned-{scenario}"] = info
-        return self._model(model.state_dict())

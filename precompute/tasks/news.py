@@ -45,12 +45,9 @@ keyed by a hash of the hyper-parameters and `version`.
 from __future__ import annotations
 
 import collections
-import hashlib
 import importlib.resources
-import json
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.task import MultiStageTask
-from precompute.tasks.checkpoints import cache_root, load_or_train
+from precompute.tasks.base import BuiltinTask
 from precompute.tasks.training import grad_norm as gradient_norm
 from precompute.tasks.training import newton_cg, sq_norm, warn_if_unconverged
 
@@ -185,7 +181,7 @@ def _model_inputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Ten
     return tokens.to(device), target.to(device)
 
 
-class NewsTask(MultiStageTask):
+class NewsTask(BuiltinTask):
     """Pretrain word embeddings on BBC News sentences (predict a held-out word), finetune them to
     classify the topic of held-out articles (FIXED and UPDATED scenarios).
 
@@ -219,13 +215,19 @@ class NewsTask(MultiStageTask):
     lbfgs_max_iter = 400
     newton_steps = 3
     version = "2"  # 1: an early bilinear (tanh) head, never a release
+    cache_fields = (
+        *BuiltinTask.cache_fields,
+        *(
+            "n_test n_finetune_train split_seed target_seed vocab_size n_targets min_tokens "
+            "max_tokens article_tokens dim pretrain_seed pretrain_grad_tol finetune_grad_tol"
+        ).split(),
+    )
 
     def __init__(self) -> None:
+        super().__init__()
         self._data: dict | None = None
         self._datasets: dict[str, _TokenDataset] = {}
         self._matrices: dict[str, torch.Tensor] = {}
-        self._states: dict[str, dict[str, torch.Tensor]] = {}
-        self.fit_info: dict[str, dict] = {}  # per trained model: grad_norm, iterations, seconds
 
     # ----------------------------------------------------------------------------------- data
     def _load(self) -> dict:
@@ -593,8 +595,7 @@ class NewsTask(MultiStageTask):
     ) -> tuple[NewsFinetuneNet, dict]:
         """Finetune from `pretrained` (W_pt); `init` warm-starts T (and W in UPDATED). Without
         `init`, UPDATED starts from (W_pt, the FIXED optimum's T), near its own optimum."""
-        if scenario not in ("fixed", "updated"):
-            raise ValueError(f"unknown scenario {scenario!r}: use 'fixed' or 'updated'")
+        self.check_scenario(scenario)
         if scenario == "updated" and init is None:
             fixed, _ = self._train_finetuned(pretrained, "fixed")
             init = {k: v.detach() for k, v in fixed.state_dict().items()}
@@ -631,66 +632,3 @@ class NewsTask(MultiStageTask):
                 scales,
             )
         return model, info
-
-    # ----------------------------------------------------------------------------- caching
-    def cache_dir(self) -> Path:
-        """Folder of this task's cached checkpoints: keyed by the hyper-parameters."""
-        names = (
-            "version pretrain_l2 finetune_l2 proximal_alpha n_test n_finetune_train split_seed "
-            "target_seed vocab_size n_targets min_tokens max_tokens article_tokens dim "
-            "pretrain_seed pretrain_grad_tol finetune_grad_tol"
-        ).split()
-        key = {n: getattr(self, n) for n in names}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return cache_root() / f"news-{digest}"
-
-    def _cached_state(self, name: str, train, new_model) -> dict[str, torch.Tensor]:
-        """State dict of model `name`: from memory, else the cache file, else train and save it
-        (with its training record in a JSON file beside it, read back into `fit_info`)."""
-        return load_or_train(
-            self.cache_dir(), name, train, new_model, self._states, self.fit_info, stacklevel=3
-        )
-
-    @staticmethod
-    def _ready(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-        model.load_state_dict(state)  # requires_grad as built: the frozen code stays frozen
-        return model.eval()
-
-    def pretrained_model(self) -> NewsPretrainNet:
-        """The pretraining optimum (W_pt, U_pt); trained on first use, then loaded from cache."""
-        state = self._cached_state("pretrained", self._train_pretrained, self.new_pretrain_model)
-        return self._ready(self.new_pretrain_model(), state)
-
-    def finetuned_model(self, scenario: str) -> NewsFinetuneNet:
-        """The finetuning optimum of `scenario` ("fixed" or "updated"), cached like the above."""
-        if scenario not in ("fixed", "updated"):
-            raise ValueError(f"unknown scenario {scenario!r}: use 'fixed' or 'updated'")
-
-        def train():
-            return self._train_finetuned(self.pretrained_model(), scenario)
-
-        state = self._cached_state(f"finetuned-{scenario}", train, self.new_finetune_model)
-        return self._ready(self.new_finetune_model(), state)
-
-    # ----------------------------------------------------------------- validation by retraining
-    def fit_pretrained(self, keep: torch.Tensor) -> NewsPretrainNet:
-        """Minimise G without the examples where keep is False (the data term still divided by
-        the full count m), warm-started from the full pretrained optimum. Not cached."""
-        keep = torch.as_tensor(keep, dtype=torch.bool)
-        n = len(self.pretrain_data())
-        if keep.shape != (n,):
-            raise ValueError(f"keep must be a bool tensor of shape ({n},), got {tuple(keep.shape)}")
-        if not bool(keep.any()):
-            raise ValueError("keep removes every pretraining example")
-        init = self.pretrained_model().state_dict()
-        model, info = self._train_pretrained(keep, init=init)
-        self.fit_info["fit_pretrained"] = info
-        return self._ready(self.new_pretrain_model(), model.state_dict())
-
-    def fit_finetuned(self, pretrained_model: nn.Module, scenario: str) -> NewsFinetuneNet:
-        """Finetune `pretrained_model` in `scenario`, warm-started from the full finetuned model
-        of that scenario; in UPDATED the proximal anchor W_pt is the given model's embedding."""
-        init = self.finetuned_model(scenario).state_dict()
-        model, info = self._train_finetuned(pretrained_model, scenario, init=init)
-        self.fit_info[f"fit_finetuned-{scenario}"] = info
-        return self._ready(self.new_finetune_model(), model.state_dict())

@@ -7,20 +7,11 @@ import re
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from apptest_pages import html_of, notes, param
 
 from explorer.render import content_words
 from explorer.state import VIEWS
 from precompute.rundir import read_table, to_table
-
-
-def param(at, name: str) -> str | None:
-    """A URL parameter as the browser would see it."""
-    value = at.query_params.get(name)
-    return value[-1] if isinstance(value, list) else value
-
-
-def html_of(at) -> str:
-    return "\n".join(element.value for element in at.html)
 
 
 def list_ids(at, kind: str) -> list[int]:
@@ -85,15 +76,15 @@ def test_scenario_and_view_switches_write_the_url(app, image_run):
     at.button_group(key="view_pick").set_value("provenance").run()
     assert_clean(at)
     assert param(at, "view") == "provenance"
-    assert any("Run digits" in s.value for s in at.subheader)
+    assert '<h3 class="msif-h3">Run digits</h3>' in html_of(at)
 
 
 def test_bad_url_values_fall_back_with_a_message(app, image_run):
     at = app(image_run, test=99999, scenario="sideways", k=500, view="nope")
     assert_clean(at)
-    warnings = " ".join(w.value for w in at.warning)
+    warnings = " ".join(notes(at, "warning"))
     assert "Test 99999 is not in this run" in warnings
-    assert "'sideways'" in warnings and "k=500" in warnings and "'nope'" in warnings
+    assert '"sideways"' in warnings and "k=500" in warnings and '"nope"' in warnings
     assert param(at, "test") != "99999"
     assert list_ids(at, "helpful")
 
@@ -111,7 +102,7 @@ def test_default_selection_is_written_to_the_url(app, image_run):
 def test_every_view_renders_without_exception(app, request, view, run_name):
     at = app(request.getfixturevalue(run_name), test=1, view=view)
     assert_clean(at)
-    assert not at.error, [e.value for e in at.error]
+    assert not at.error and not notes(at, "error"), notes(at, "error")
 
 
 def test_picker_filters_and_selection(app, image_run):
@@ -143,20 +134,20 @@ def test_empty_filter_result_says_so(app, image_run):
     at.multiselect(key="filter_class").set_value([only_right[0]]).run()
     assert_clean(at)
     assert not at.dataframe
-    assert any("No test prediction matches these filters" in i.value for i in at.info)
+    assert any("No test prediction matches these filters" in i for i in notes(at, "info"))
 
 
 def test_run_without_scores_falls_back_to_top_lists(app, text_run):
     assert not (text_run / "scores.parquet").exists()
     at = app(text_run, test=2)
     assert_clean(at)
-    assert any("no scores.parquet" in i.value for i in at.sidebar.info)
+    assert any("no scores.parquet" in i for i in notes(at.sidebar, "info"))
     assert list_ids(at, "helpful") == expected(text_run, "fixed", 2, "helpful")
     assert "top-k lists (no scores.parquet)" in " ".join(c.value for c in at.caption)
     for view in ("map", "distribution", "compare"):
         at = app(text_run, test=2, view=view)
         assert_clean(at)
-        assert any("no scores.parquet" in i.value for i in at.main.info), view
+        assert any("no scores.parquet" in i for i in notes(at.main, "info")), view
 
 
 def test_text_with_html_and_markdown_is_shown_literally(app, text_run):
@@ -173,31 +164,31 @@ def test_text_with_html_and_markdown_is_shown_literally(app, text_run):
 def test_missing_run_is_a_message(app, tmp_path):
     at = app(tmp_path / "nowhere")
     assert_clean(at)
-    assert "does not exist" in at.error[0].value
+    assert "does not exist" in notes(at, "error")[0]
 
 
 def test_folder_without_runs_is_a_message(app, tmp_path):
     at = app(tmp_path)
     assert_clean(at)
-    assert "holds no msif run" in at.error[0].value
+    assert "holds no msif run" in notes(at, "error")[0]
 
 
 def test_incomplete_run_is_a_message(app, broken_run):
     at = app(broken_run(lambda m: m.update(complete=False)))
     assert_clean(at)
-    assert "incomplete" in at.error[0].value
+    assert "incomplete" in notes(at, "error")[0]
 
 
 def test_run_without_manifest_is_a_message(app, broken_run):
     at = app(broken_run(lambda m: False))
     assert_clean(at)
-    assert "no manifest.json" in at.error[0].value
+    assert "no manifest.json" in notes(at, "error")[0]
 
 
 def test_unknown_schema_version_is_a_message(app, broken_run):
     at = app(broken_run(lambda m: m.update(schema_version=99)))
     assert_clean(at)
-    assert "schema_version 99" in at.error[0].value
+    assert "schema_version 99" in notes(at, "error")[0]
 
 
 def test_run_missing_a_table_is_a_message(app, broken_run):
@@ -205,7 +196,7 @@ def test_run_missing_a_table_is_a_message(app, broken_run):
     (run / "top.parquet").unlink()
     at = app(run)
     assert_clean(at)
-    assert "top.parquet" in at.error[0].value
+    assert "top.parquet" in notes(at, "error")[0]
 
 
 def test_folder_of_runs_shows_a_run_picker(app, image_run, text_run, tmp_path):
@@ -252,7 +243,7 @@ def test_unnamed_classes_and_missing_inputs_still_render(app, broken_run):
     for view in ("examples", "tests", "classes", "false_transfer", "map"):
         at = app(run, test=2, view=view)
         assert_clean(at)
-        assert not at.error, view
+        assert not notes(at, "error"), view
     at = app(run, test=2)
     assert "(no image or text)" in html_of(at)
 
@@ -266,11 +257,12 @@ def test_example_ids_link_to_their_detail_on_the_map(app, image_run):
     at = app(image_run, test=6, scenario="updated", k=5, view="map", example=helpful)
     assert_clean(at)
     assert f"<h2>#{helpful}</h2>" in html_of(at) and "rank 1 helpful" in html_of(at)
-    at.number_input(key="example_pick").set_value(42).run()
+    at.text_input(key="find_pick").input("#42").run()
     assert param(at, "example") == "42" and "<h2>#42</h2>" in html_of(at)
+    assert param(at, "find") == "#42"
     at = app(image_run, test=6, view="map", example="nope")
     assert_clean(at)
-    assert "There is no pretraining example nope" in " ".join(w.value for w in at.warning)
+    assert "There is no pretraining example nope" in " ".join(notes(at, "warning"))
     assert param(at, "example") is None
 
 

@@ -98,7 +98,8 @@ def test_every_view_opens_without_exception_boxes(page, explorer_url, e2e_run):
         wait_for_param(page, "view", view)
         page.wait_for_timeout(1000)  # let the view finish drawing
         assert page.locator(EXCEPTIONS).count() == 0, view
-        assert page.locator('[data-testid="stAlertContentError"]').count() == 0, view
+        errors = page.locator('[data-testid="stAlertContentError"], .msif-note-error')
+        assert errors.count() == 0, view
         assert f"test={test_id}" in page.url, view
     # the map draws with WebGL: its plotly container is on the page
     page.goto(f"{explorer_url}/?test={test_id}&scenario={scenario}&view=map")

@@ -1,0 +1,104 @@
+"""The loss of a task split as h(f(x; theta), x), for the Gauss-Newton curvature (--curvature ggn).
+
+The GGN matrix (1/n) sum_i J_i^T H_i J_i (precompute.objective) needs the network function f
+(the outputs the loss sees, e.g. logits) apart from the loss h of those outputs, convex in them.
+A task's losses are per-example functions of (model, batch), so the split comes from:
+
+1. optional task hooks, per stage (`pretrain` / `finetune`):
+       {stage}_outputs(model, batch) -> Tensor [B, ...]     the network function f
+       {stage}_loss_from_outputs(outputs, batch) -> [B]     h, convex in the outputs
+   with {stage}_loss(model, batch) == {stage}_loss_from_outputs({stage}_outputs(model, batch),
+   batch); or
+2. the standard case, recognised without hooks: the loss is cross-entropy (integer labels) or
+   squared error (float targets shaped like the outputs; sum or mean over the output entries,
+   halved or not) of the outputs against batch[1], where the outputs are `finetune_logits`
+   (finetuning) or `model(batch[0])` (pretraining).
+
+Either way the split is checked against the task's own loss on a first batch; a task that gives
+neither gets one TaskError sentence saying which hooks to add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from precompute.objective import LossSplit
+from precompute.task import MultiStageTask, TaskError
+
+
+def _cross_entropy(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    return F.cross_entropy(outputs, batch[1], reduction="none")
+
+
+def _squared(reduce: str, half: bool) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    def loss(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        error = (outputs - batch[1]).pow(2).reshape(len(outputs), -1)
+        value = error.sum(1) if reduce == "sum" else error.mean(1)
+        return value / 2 if half else value
+
+    loss.__name__ = f"{'half ' if half else ''}squared error ({reduce})"
+    return loss
+
+
+STANDARD_LOSSES = {
+    "cross-entropy": _cross_entropy,
+    **{
+        f"{'half ' if half else ''}squared error ({reduce})": _squared(reduce, half)
+        for reduce in ("sum", "mean")
+        for half in (False, True)
+    },
+}
+
+
+def _standard_outputs(task: MultiStageTask, stage: str):
+    if stage == "finetune":
+        return lambda model, batch: task.finetune_logits(model, batch), "finetune_logits"
+    return lambda model, batch: model(batch[0]), "model(batch[0])"
+
+
+def loss_split(task: MultiStageTask, stage: str, model: torch.nn.Module, batch: Any) -> LossSplit:
+    """The task's {stage} loss as h(f): from its hooks, or recognised as a standard loss; checked
+    on `batch` against {stage}_loss. TaskError (one sentence) when neither holds."""
+    loss_fn = getattr(task, f"{stage}_loss")
+    outputs_hook = getattr(task, f"{stage}_outputs", None)
+    loss_hook = getattr(task, f"{stage}_loss_from_outputs", None)
+    with torch.no_grad():
+        expected = loss_fn(model, batch)
+    if callable(outputs_hook) and callable(loss_hook):
+        split = LossSplit(outputs_hook, loss_hook, "hooks")
+        if not _agrees(split, model, batch, expected):
+            raise TaskError(
+                f"task {task.name!r}: {stage}_loss_from_outputs({stage}_outputs(model, batch), "
+                f"batch) differs from {stage}_loss(model, batch) on the first batch of the "
+                f"{stage} data; the Gauss-Newton curvature (--curvature ggn) needs them equal"
+            )
+        return split
+    outputs, where = _standard_outputs(task, stage)
+    if isinstance(batch, list | tuple) and len(batch) >= 2:
+        for name, h in STANDARD_LOSSES.items():
+            split = LossSplit(outputs, h, f"{name} of {where}")
+            if _agrees(split, model, batch, expected):
+                return split
+    raise TaskError(
+        f"task {task.name!r}: --curvature ggn needs the {stage} loss split as a convex loss of "
+        f"the network outputs, and {stage}_loss is not cross-entropy or squared error of "
+        f"{where} against batch[1]: add the hooks {stage}_outputs(model, batch) and "
+        f"{stage}_loss_from_outputs(outputs, batch), or use --curvature hessian"
+    )
+
+
+def _agrees(split: LossSplit, model, batch, expected: torch.Tensor) -> bool:
+    """Whether split gives the task's per-example losses on batch (to rounding of the dtype)."""
+    try:
+        with torch.no_grad():
+            value = split.loss_of_outputs(split.outputs(model, batch), batch)
+    except Exception:  # a candidate that does not fit the batch's shapes or types
+        return False
+    if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
+        return False
+    tol = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0.0
+    return bool(torch.allclose(value.to(expected), expected, rtol=tol, atol=tol))

@@ -1,0 +1,301 @@
+"""The pretraining pass on a Ray cluster (`msif precompute --engine ray`).
+
+The pass is a sum over pretraining examples, so it shards: Ray actors, one per worker CPU (or
+GPU with `--device cuda`), each hold the pretrained model, the loss and the s-vectors, put once
+into the object store and deserialised once per actor, and run the same unit of work as the
+local engine (precompute.scoring.PretrainingPass) on one shard of the pretraining set at a time.
+The driver ships each shard's batches, merges the partial top lists (TopK.merge is exact) and
+receives each shard's scores for scores.parquet. A shard is idempotent: when an actor dies, a
+new one is started and the shard runs again, and the driver takes each shard's result once, so
+nothing is lost or counted twice. Finished shards go to the run's ShardStore, so `--resume`
+continues after a failed job.
+
+The cluster is the one at RAY_ADDRESS (e.g. `ray start --head` then
+RAY_ADDRESS=127.0.0.1:6379); without it, a local Ray instance is started for the run and
+stopped after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+
+import torch
+from torch.utils._pytree import tree_map
+from torch.utils.data import Dataset
+
+from precompute.objective import LossFn, ParamSpace, batches
+from precompute.scoring import (
+    PassResult,
+    PretrainingPass,
+    ShardStore,
+    Sink,
+    TopK,
+    score_batches,
+    shards,
+)
+
+MAX_RETRIES = 3  # new workers tried on a shard whose worker died
+
+
+class EngineError(ValueError):
+    """The Ray engine cannot run; one sentence."""
+
+
+class ShardWorker:
+    """A Ray actor: the unit of work built once from the shared payload, run on shards."""
+
+    def __init__(self, payload: dict):
+        torch.set_num_threads(max(1, int(payload["threads"])))
+        device = torch.device(payload["device"])
+        self.model = payload["model"].to(device).eval()
+        self.unit = PretrainingPass(
+            self.model, payload["loss_fn"], payload["space"], payload["s"].to(device),
+            payload["m"],
+        )  # fmt: skip
+        self.top_k, self.device, self.full = payload["top_k"], device, payload["full"]
+        self.dataset, self.batch_size = payload["dataset"], payload["batch_size"]
+
+    def run(self, start: int, stop: int, shard_batches: list | None) -> tuple:
+        """(start, the shard's top lists as plain tensors, its scores [Q, n] or None, path).
+
+        The shard's batches come from the driver, or, for a dataset the workers read
+        themselves (precompute.parquet_data), from this worker's copy of the dataset.
+        """
+        from precompute.objective import to_device
+
+        columns = []
+        sink = (lambda first, scores: columns.append(scores.float().cpu())) if self.full else None
+        if shard_batches is None:
+            stream = batches(self.dataset, self.batch_size, self.device, within=range(start, stop))
+        else:
+            stream = (to_device(b, self.device) for b in shard_batches)
+        top = score_batches(self.unit, stream, start, self.top_k, sink)
+        scores = torch.cat(columns, 1).numpy() if self.full else None
+        c = self.unit.contraction
+        path = (c.use_layers, c.layer_params, list(c.vmap_space.names))
+        return start, top.state(), scores, path
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def preflight() -> None:
+    """Before any work: Ray is installed and RAY_ADDRESS, when set, answers (EngineError)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise EngineError(
+            "--engine ray needs Ray: install it with pip install 'msif[ray]'"
+        ) from None
+    _probe(os.environ.get("RAY_ADDRESS") or None)
+
+
+class RayCluster:
+    """A connection to the cluster at RAY_ADDRESS, or a local instance started for the run
+    (and stopped when the run ends; a cluster msif did not start is only disconnected)."""
+
+    def __init__(self, log=print):
+        try:
+            import ray
+        except ImportError:
+            raise EngineError(
+                "--engine ray needs Ray: install it with pip install 'msif[ray]'"
+            ) from None
+        self.ray, self.log = ray, log
+        self.address = os.environ.get("RAY_ADDRESS") or None
+        self.started = False
+
+    def __enter__(self) -> RayCluster:
+        ray = self.ray
+        if not ray.is_initialized():
+            _probe(self.address)
+            env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            try:
+                ray.init(
+                    address=self.address or "local",
+                    runtime_env={"env_vars": env},
+                    log_to_driver=False,
+                    include_dashboard=False,
+                    logging_level=logging.ERROR,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise EngineError(
+                    f"cannot reach the Ray cluster at RAY_ADDRESS={self.address} ({exc})"
+                ) from exc
+            self.started = True
+        resources = ray.cluster_resources()
+        self.cpus, self.gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+        where = self.address or "a local instance"
+        self.log(f"[msif] Ray cluster at {where}: {self.cpus} CPUs, {self.gpus} GPUs")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast on a RAY_ADDRESS (host:port) where nothing listens (ray.init would retry for
+    minutes)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise EngineError(
+            f"nothing answers at RAY_ADDRESS={address} ({exc}); start a head with "
+            "`ray start --head` or unset RAY_ADDRESS for a local Ray instance"
+        ) from None
+
+
+def _ship_task_code(loss_fn) -> None:
+    """A task loaded from a file (path/to/file.py:Class) is not importable by its module name
+    on the workers: its module travels by value with the loss function."""
+    name = getattr(loss_fn, "__module__", "") or ""
+    module = sys.modules.get(name)
+    if module is None or name == "__main__":
+        return
+    try:
+        importable = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        importable = False
+    if not importable:
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(module)
+
+
+def ray_pass(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    dataset: Dataset,
+    space: ParamSpace,
+    s: torch.Tensor,
+    top_k: int,
+    batch_size: int | None,
+    sink: Sink | None,
+    progress: Callable[[int], None] | None,
+    shard_size: Callable[[int], int],
+    store: ShardStore | None,
+    cluster: RayCluster,
+) -> tuple[PassResult, dict]:
+    """The pass over `dataset` on the cluster: (the same PassResult as the local engine, the
+    engine's description for the manifest: workers and their devices)."""
+    ray = cluster.ray
+    m = len(dataset)
+    device = s.device.type
+    local = PretrainingPass(model, loss_fn, space, s, m)  # for its choices only
+    batch_size = batch_size or local.auto_batch_size()
+    workers = max(1, cluster.gpus if device == "cuda" else cluster.cpus)
+    if device == "cuda" and not cluster.gpus:
+        raise EngineError("--device cuda was asked for but the Ray cluster has no GPUs")
+    _ship_task_code(getattr(loss_fn, "__func__", loss_fn))
+    workers_read = bool(getattr(dataset, "read_on_workers", False))
+    payload = ray.put(
+        {
+            "model": _cpu_copy(model), "loss_fn": loss_fn, "space": space, "s": s.cpu(), "m": m,
+            "device": device, "top_k": top_k, "full": sink is not None, "threads": 1,
+            "dataset": dataset if workers_read else None, "batch_size": batch_size,
+        }
+    )  # fmt: skip
+    actor = ray.remote(ShardWorker).options(
+        **({"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1})
+    )
+    pool = [actor.remote(payload) for _ in range(workers)]
+    top, path = TopK(top_k), None
+    todo = []
+    for shard in shards(m, shard_size(batch_size)):
+        done = store.load(shard) if store is not None else None
+        if done is None:
+            todo.append(shard)
+        else:
+            top.merge(done)
+            if progress is not None:
+                progress(len(shard))
+    pending: dict = {}
+    queue = list(todo)
+    idle = list(pool)
+
+    retries: dict[int, int] = {}
+
+    def submit(worker) -> None:
+        shard = queue.pop(0)
+        shipped = None
+        if not workers_read:
+            stream = batches(dataset, batch_size, torch.device("cpu"), within=shard)
+            shipped = ray.put([tree_map(_own, batch) for batch in stream])
+        pending[worker.run.remote(shard.start, shard.stop, shipped)] = (worker, shard)
+
+    try:
+        while queue and idle:
+            submit(idle.pop())
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            worker, shard = pending.pop(ready[0])
+            try:
+                start, state, scores, path = ray.get(ready[0])
+            except ray.exceptions.RayActorError:  # the worker died: a new one runs the shard
+                retries[shard.start] = retries.get(shard.start, 0) + 1
+                if retries[shard.start] > MAX_RETRIES:
+                    raise EngineError(
+                        f"the Ray workers died {MAX_RETRIES + 1} times on pretraining examples "
+                        f"{shard.start}..{shard.stop - 1}"
+                    ) from None
+                cluster.log(f"[msif] a Ray worker died; retrying examples {shard.start}..")
+                pool.remove(worker)
+                worker = actor.remote(payload)
+                pool.append(worker)
+                queue.insert(0, shard)
+                submit(worker)
+                continue
+            part = TopK.from_state(top_k, state)
+            if sink is not None:
+                sink(start, torch.from_numpy(scores.copy()))  # the store's copy is read-only
+            if store is not None:
+                store.save(shard, part)
+            top.merge(part)
+            if progress is not None:
+                progress(len(shard))
+            if queue:
+                submit(worker)
+    finally:
+        for worker in pool:
+            ray.kill(worker)
+    if path is None:  # every shard came from the store
+        c = local.contraction
+        path = (c.use_layers, c.layer_params, list(c.vmap_space.names))
+    layers, layer_params, vmap_params = path
+    result = PassResult(
+        top=top,
+        path="layers" if layers else "vmap",
+        layer_params=layer_params if layers else [],
+        vmap_params=vmap_params if layers else list(space.names),
+    )
+    engine = {
+        "engine": "ray",
+        "address": cluster.address or "local",
+        "workers": workers,
+        "worker_device": device,
+        "shards": len(todo),
+        "data": "read by the workers" if workers_read else "shipped by the driver",
+        "ray": ray.__version__,
+    }
+    return result, engine
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).cpu()
+
+
+def _own(x):
+    """A batch's tensor as its own storage: a slice of the dataset's tensor would otherwise
+    carry the whole dataset's storage into the object store."""
+    return x.clone() if isinstance(x, torch.Tensor) else x

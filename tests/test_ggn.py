@@ -1,0 +1,223 @@
+"""The Gauss-Newton curvature (`--curvature ggn`): products against an explicit J^T H J, where it
+equals the Hessian, that it stays positive semi-definite where the Hessian does not, the loss
+split (task hooks or a recognised standard loss), and whole runs on a briefly trained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_task import BrieflyTrainedTask, TinyNet, TinyTask
+
+from precompute.cli import main
+from precompute.curvature import explicit_hessian
+from precompute.gauss_newton import STANDARD_LOSSES, loss_split
+from precompute.objective import LossSplit, Objective, ParamSpace
+from precompute.task import TaskError
+
+TASKS = Path(__file__)
+
+
+def model_and_data(seed: int = 0, n: int = 40):
+    torch.manual_seed(seed)
+    model = TinyNet(3).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, torch.utils.data.TensorDataset(x, y)
+
+
+def logits_of(model, batch):
+    return model(batch[0])
+
+
+def ce_loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+CE = LossSplit(logits_of, STANDARD_LOSSES["cross-entropy"], "test")
+
+
+def objective_for(model, data, split=CE, loss=ce_loss, reg=0.0, curvature="ggn"):
+    space = ParamSpace.of(model, [n for n, _ in model.named_parameters()])
+    regs = torch.full((space.size,), reg, dtype=torch.float64)
+    return Objective(
+        model, loss, data, space, regs, batch_size=16, curvature=curvature, split=split
+    )
+
+
+def explicit_ggn(objective, loss_hessian) -> torch.Tensor:
+    """(1/n) sum_i J_i^T H_i J_i with J_i from jacrev of the outputs, H_i given per example."""
+    x, y = objective.dataset.tensors
+    jac = torch.func.jacrev(lambda t: objective.outputs(t, (x, y)))(objective.theta)  # [n,C,p]
+    out = objective.outputs(objective.theta, (x, y)).detach()
+    h = loss_hessian(out)  # [n, C, C]
+    return torch.einsum("ncp,ncd,ndq->pq", jac, h, jac) / len(x)
+
+
+def test_ggn_products_equal_explicit_jt_h_j_for_cross_entropy():
+    model, data = model_and_data()
+    objective = objective_for(model, data)
+
+    def softmax_hessian(out):  # d2 CE / d logits2 = diag(p) - p p^T
+        p = out.softmax(-1)
+        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+    dense = explicit_ggn(objective, softmax_hessian)
+    v = torch.randn(
+        5, objective.size, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(objective.data_ggn(v), v @ dense, rtol=1e-10, atol=1e-12)
+
+
+def test_ggn_products_equal_explicit_jt_j_for_half_squared_error():
+    model, data = model_and_data()
+    x, _ = data.tensors
+    targets = torch.randn(len(x), 3, dtype=torch.float64)
+    data = torch.utils.data.TensorDataset(x, targets)
+    h = STANDARD_LOSSES["half squared error (sum)"]
+    split = LossSplit(logits_of, h, "test")
+    objective = objective_for(model, data, split, lambda m, b: h(m(b[0]), b))
+    dense = explicit_ggn(
+        objective, lambda out: torch.eye(3, dtype=out.dtype).expand(len(out), 3, 3)
+    )
+    v = torch.randn(4, objective.size, dtype=torch.float64)
+    torch.testing.assert_close(objective.hvp(v), v @ dense, rtol=1e-10, atol=1e-12)
+
+
+def test_ggn_equals_the_hessian_when_the_outputs_are_linear_in_the_parameters():
+    model, data = model_and_data()
+    linear = torch.nn.Linear(4, 3).double()  # softmax regression: d2 f / d theta2 = 0
+    objective = objective_for(linear, data, reg=0.1)
+    v = torch.randn(6, objective.size, dtype=torch.float64)
+    torch.testing.assert_close(objective.data_ggn(v), objective.data_hvp(v), rtol=1e-10, atol=1e-12)
+    objective.curvature = "hessian"
+    hessian = objective.hvp(v)
+    objective.curvature = "ggn"
+    torch.testing.assert_close(objective.hvp(v), hessian, rtol=1e-10, atol=1e-12)
+
+
+def test_ggn_is_positive_semi_definite_where_the_hessian_is_indefinite():
+    task = BrieflyTrainedTask()
+    model = task.pretrained_model()
+    objective = objective_for(model, task.pretrain_data(), loss=task.pretrain_loss)
+    like = objective.theta[None]
+    ggn = torch.linalg.eigvalsh(explicit_hessian(objective.hvp, objective.size, like))
+    hessian = torch.linalg.eigvalsh(explicit_hessian(objective.data_hvp, objective.size, like))
+    assert hessian[0] < -1e-3  # the briefly trained model's Hessian curves down
+    assert ggn[0] > -1e-12 * ggn[-1]
+
+
+# ---- the loss split ------------------------------------------------------------------------
+
+
+def test_standard_cross_entropy_is_recognised_for_both_stages():
+    task = TinyTask()
+    model = task.pretrained_model()
+    batch = task.pretrain_data()[:8]
+    assert loss_split(task, "pretrain", model, batch).source == "cross-entropy of model(batch[0])"
+    split = loss_split(task, "finetune", task.finetuned_model("fixed"), task.train[:8])
+    assert split.source == "cross-entropy of finetune_logits"
+
+
+class HookedTask(TinyTask):
+    """Gives the split through the hooks, with outputs the standard detection cannot see."""
+
+    def pretrain_outputs(self, model, batch):
+        return model(batch[0]) * 2
+
+    def pretrain_loss_from_outputs(self, outputs, batch):
+        return F.cross_entropy(outputs / 2, batch[1], reduction="none")
+
+
+class WrongHooksTask(HookedTask):
+    def pretrain_loss_from_outputs(self, outputs, batch):
+        return F.cross_entropy(outputs, batch[1], reduction="none")
+
+
+class UnsplitTask(TinyTask):
+    """A pretraining loss with an extra term in the logits: no standard split fits it."""
+
+    def pretrain_loss(self, model, batch):
+        logits = model(batch[0])
+        return F.cross_entropy(logits, batch[1], reduction="none") + 0.1 * logits.pow(2).sum(1)
+
+
+def test_hooks_give_the_split_and_are_checked_against_the_loss():
+    task = HookedTask()
+    model, batch = task.pretrained_model(), task.pretrain_data()[:8]
+    assert loss_split(task, "pretrain", model, batch).source == "hooks"
+    with pytest.raises(TaskError, match="pretrain_loss_from_outputs.*differs from pretrain_loss"):
+        loss_split(WrongHooksTask(), "pretrain", model, batch)
+
+
+def test_a_task_without_a_split_gets_one_sentence_naming_the_hooks(tmp_path, capsys):
+    code = main(
+        [
+            "precompute",
+            "--task",
+            f"{TASKS.parent / 'test_ggn.py'}:UnsplitTask",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-maps",
+            "--curvature",
+            "ggn",
+            "--solver",
+            "cg",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "Traceback" not in "\n".join(err)
+    for phrase in (
+        "--curvature ggn needs the pretrain loss split",
+        "pretrain_outputs(model, batch)",
+        "pretrain_loss_from_outputs(outputs, batch)",
+        "--curvature hessian",
+    ):
+        assert phrase in err[-1], err[-1]
+
+
+# ---- whole runs on a briefly trained model --------------------------------------------------
+
+
+def run(tmp_path, name, *extra):
+    out = tmp_path / name
+    args = [
+        "precompute",
+        "--task",
+        f"{TASKS.parent / 'tiny_task.py'}:BrieflyTrainedTask",
+        "--out",
+        str(out),
+        "--no-maps",
+        "--full-scores",
+        "on",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+    assert main(args) == 0
+    from precompute.rundir import read_table
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    scores = read_table(out, "scores").sort_values(["scenario", "test_id", "pretrain_id"])
+    return manifest, scores["score"].to_numpy()
+
+
+def test_pcg_on_the_gauss_newton_matrix_solves_what_cg_on_it_solves(tmp_path):
+    """The true Hessian of this model is indefinite (cg and pcg meet negative curvature without
+    damping, test_solve_health); its GGN is not, and both solvers agree on it."""
+    common = ("--curvature", "ggn", "--damping", "0")
+    pcg, pcg_scores = run(tmp_path, "pcg", "--solver", "pcg", *common)
+    _, cg_scores = run(tmp_path, "cg", "--solver", "cg", "--cg-tol", "1e-10", *common)
+    assert pcg["config"]["curvature"] == "ggn"
+    for system in ("fixed", "updated", "pretrain"):
+        info = pcg["solver"][system]
+        assert info["curvature"] == "ggn" and info["solver"] == "pcg", info
+        assert info["negative_curvature_rows"] == 0
+    np.testing.assert_allclose(pcg_scores, cg_scores, rtol=1e-4, atol=1e-6 * abs(cg_scores).max())
+    assert np.corrcoef(pcg_scores, cg_scores)[0, 1] > 0.999999

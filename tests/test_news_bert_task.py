@@ -1,0 +1,124 @@
+"""The built-in news-bert task: data and masking (deterministic, one masked word per sentence),
+shapes, describe marking the masked word; a slow end-to-end run from a fresh cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from precompute.hf import IGNORE
+from precompute.task import load_task
+from precompute.tasks.news import NewsTask
+from precompute.tasks.news_bert import CLS, MASK, PAD, NewsBertTask, mark, words_with_spans
+
+
+@pytest.fixture(scope="module")
+def task():
+    task = NewsBertTask()
+    task.stats()  # reads the data (no model trained)
+    return task
+
+
+def test_loads_by_module_path():
+    assert isinstance(load_task("precompute.tasks.news_bert:NewsBertTask"), NewsBertTask)
+
+
+def test_words_and_mark_keep_the_original_text():
+    text = "Shares in Vodafone rose; it's the firm's best day."
+    words = words_with_spans(text)
+    assert [w for w, _, _ in words] == ["shares", "vodafone", "rose", "firm's", "best", "day"]
+    _, start, end = words[1]
+    assert mark(text, start, end) == "Shares in [Vodafone] rose; it's the firm's best day."
+
+
+def test_data_and_masks_are_deterministic(task):
+    again = NewsBertTask()
+    for split in ("pretrain", "finetune_train", "test"):
+        a, b = task.tensors(split).tensors, again.tensors(split).tensors
+        assert a.keys() == b.keys()
+        for field in a:
+            assert torch.equal(a[field], b[field]), (split, field)
+    assert task.vocabulary == again.vocabulary
+
+
+def test_one_masked_word_per_sentence(task):
+    data = task.pretrain_data().tensors
+    ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
+    m = len(ids)
+    assert 0.8 * task.n_sentences <= m <= task.n_sentences
+    assert ids.shape == labels.shape == mask.shape == (m, task.max_words + 1)
+    masked = labels != IGNORE
+    assert masked.sum(1).eq(1).all()  # exactly one loss per example
+    assert ids[masked].eq(MASK).all() and ids.eq(MASK).sum(1).eq(1).all()
+    assert ids[:, 0].eq(CLS).all()
+    assert (labels[masked] > MASK).all() and (labels[masked] < len(task.vocabulary)).all()
+    words = mask.sum(1) - 1
+    assert (words >= task.min_words).all() and (words <= task.max_words).all()
+    assert ids[mask == 0].eq(PAD).all()
+    # the mask position is drawn among the words, not always the same one
+    assert len(set(masked.int().argmax(1).tolist())) >= task.min_words
+
+
+def test_describe_marks_the_masked_word(task):
+    news = NewsTask()
+    vocab = task.vocabulary
+    labels = task.pretrain_data().tensors["labels"]
+    for i in (0, 1, 17, len(labels) - 1):
+        row = task.describe("pretrain", i)
+        assert row["label"] is None and row["image"] is None
+        text = row["text"]
+        assert text.count("[") == 1 and text.count("]") == 1, text
+        word = text[text.index("[") + 1 : text.index("]")]
+        assert word.lower() == vocab[int(labels[i][labels[i] != IGNORE])]
+        # the sentence as written in the news task, only the brackets added
+        passage = task.pretrain_examples()[i]["passage"]
+        assert text.replace("[", "").replace("]", "") == news.describe("pretrain", passage)["text"]
+
+
+def test_finetuning_uses_the_news_split(task):
+    news = NewsTask()
+    fine, test = task.finetune_train_data(), task.finetune_test_data()
+    assert len(fine) == len(news.article_indices("finetune_train")) == 300
+    assert len(test) == len(news.article_indices("test")) == 100
+    assert fine.tensors["input_ids"].shape == (300, task.article_words + 1)
+    labels = test.tensors["labels"]
+    articles = news.articles()
+    want = [articles[int(a)][0] for a in news.article_indices("test")]
+    assert labels.tolist() == want
+    row = task.describe("test", 5)
+    assert row["label_name"] == news.finetune_class_names[row["label"]]
+    assert row["text"] == articles[int(news.article_indices("test")[5])][2]
+
+
+def test_models_and_parameter_groups(task):
+    pre, _fine = task.new_pretrain_model(), task.new_finetune_model()
+    assert pre.config._attn_implementation == "sdpa"  # the default, used at precompute time
+    assert next(pre.parameters()).dtype == torch.float64
+    batch = torch.utils.data.default_collate([task.pretrain_data()[i] for i in range(4)])
+    assert task.pretrain_loss(pre, batch).shape == (4,)
+    stats = task.stats()
+    h = task.hidden
+    assert stats["T"] == h * h + h + 5 * (h + 1)  # the pooler and the 5-topic classifier
+    assert stats["U"] == len(task.vocabulary) + h * h + 3 * h  # head bias, dense, LayerNorm
+
+
+@pytest.mark.slow
+def test_news_bert_end_to_end(tmp_path, monkeypatch):
+    """Train from a fresh cache, precompute both scenarios (sdpa attention), check the run."""
+    from precompute.cli import main
+    from precompute.rundir import read_manifest, read_table
+
+    monkeypatch.setenv("MSIF_CACHE", str(tmp_path / "cache"))
+    spec = "precompute.tasks.news_bert:NewsBertTask"
+    assert main(["precompute", "--task", spec, "--out", str(tmp_path / "run"), "--no-maps"]) == 0
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["task"] == "news-bert" and manifest["unconverged_tests"] == {}
+    top = read_table(tmp_path / "run", "top")
+    assert set(top["scenario"]) == {"fixed", "updated"}
+    preds = read_table(tmp_path / "run", "predictions")
+    assert preds.groupby("scenario")["correct"].mean().min() > 0.4  # 5 topics: chance is 0.2
+    task = NewsBertTask()
+    for name, info in task.fit_info.items() or []:
+        assert info["grad_norm"] < 1e-4, name
+    assert np.isfinite(top["score"]).all()

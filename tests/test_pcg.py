@@ -1,0 +1,183 @@
+"""Block preconditioned CG (`--solver pcg`): against dense solves, against `exact` and explicit
+Hessians on the tiny float64 task, its convergence report, and the one table of solvers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_task import TinyTask
+
+from precompute.curvature import (
+    SOLVER_TABLE,
+    SOLVERS,
+    SolveConfig,
+    block_pcg,
+    resolve,
+    solve,
+    solve_pcg_hvp,
+)
+from precompute.influence import Spaces, pretrain_vectors
+from precompute.objective import CURVATURES, Objective, ParamSpace
+
+
+def spd(size: int, condition: float, seed: int = 0) -> torch.Tensor:
+    """A symmetric positive definite matrix with eigenvalues spread over [1, condition]."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, torch.log10(torch.tensor(condition)), size, dtype=torch.float64)
+    return (q * eigenvalues) @ q.T
+
+
+def rows(count: int, size: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(count, size, generator=g, dtype=torch.float64)
+
+
+def test_block_pcg_solves_an_spd_system_for_every_row():
+    a = spd(60, 1e4)
+    b = rows(5, 60)
+    x, info = block_pcg(lambda v: v @ a, b, lambda r: r, tol=1e-10, max_iter=200)
+    expected = torch.linalg.solve(a, b.T).T
+    assert ((x - expected).norm(dim=1) / expected.norm(dim=1)).max() < 1e-7
+    assert info["unconverged_rows"] == [] and info["max_relative_residual"] <= 1e-10
+    assert info["negative_curvature_rows"] == 0 and info["min_curvature"] > 0
+
+
+def test_a_shared_krylov_space_needs_fewer_steps_than_one_per_row():
+    """With 5 right-hand sides the block space grows 5 directions a step: on this
+    ill-conditioned matrix (condition 1e4) block CG converged in 25 steps, CG on one of the rows
+    alone in 197."""
+    a = spd(60, 1e4)
+    b = rows(5, 60)
+    _, block = block_pcg(lambda v: v @ a, b, lambda r: r, tol=1e-8, max_iter=500)
+    _, single = block_pcg(lambda v: v @ a, b[:1], lambda r: r, tol=1e-8, max_iter=500)
+    assert block["iterations"] <= 40
+    assert single["iterations"] > 3 * block["iterations"]
+
+
+def test_a_good_preconditioner_cuts_the_iterations():
+    a = spd(80, 1e6)
+    inverse = torch.linalg.inv(a + 0.1 * torch.diag(torch.diagonal(a)))  # close to A^{-1}
+    b = rows(3, 80)
+    _, plain = block_pcg(lambda v: v @ a, b, lambda r: r, tol=1e-8, max_iter=500)
+    x, pre = block_pcg(lambda v: v @ a, b, lambda r: r @ inverse, tol=1e-8, max_iter=500)
+    assert pre["iterations"] < plain["iterations"] / 3
+    torch.testing.assert_close(x, torch.linalg.solve(a, b.T).T, rtol=1e-6, atol=1e-9)
+
+
+def test_dependent_and_zero_rows_are_deflated_not_a_breakdown():
+    a = spd(40, 1e3)
+    b = rows(3, 40)
+    b = torch.cat([b, b[:1] * 2, b[1:2] + b[2:3], torch.zeros(1, 40, dtype=b.dtype)])
+    x, info = block_pcg(lambda v: v @ a, b, lambda r: r, tol=1e-10, max_iter=200)
+    assert info["block_sizes"][0] == 3  # six rows, three independent directions
+    torch.testing.assert_close(x, torch.linalg.solve(a, b.T).T, rtol=1e-7, atol=1e-12)
+    assert info["unconverged_rows"] == []
+
+
+def test_negative_curvature_stops_and_names_every_active_row():
+    a = spd(30, 10.0) - 5.0 * torch.eye(30, dtype=torch.float64)  # eigenvalues in [-4, 5]
+    b = rows(4, 30)
+    _, info = block_pcg(lambda v: v @ a, b, lambda r: r, tol=1e-8, max_iter=100)
+    assert info["negative_curvature_rows"] == 4
+    assert info["unconverged_rows"] == [0, 1, 2, 3]
+    assert info["min_curvature"] < 0
+
+
+def test_pcg_info_has_what_the_health_checks_read():
+    a = spd(20, 10.0)
+    x, info = solve_pcg_hvp(
+        lambda v: v @ a, rows(2, 20), 0.5, lambda r, d: r, tol=1e-9, max_iter=50
+    )
+    for key in ("unconverged_rows", "min_curvature", "negative_curvature_rows", "tolerance",
+                "iterations", "max_relative_residual", "damping", "mean_eigenvalue"):  # fmt: skip
+        assert key in info, key
+    # the Hutchinson probes rode along in the first step: the mean eigenvalue is trace / p
+    assert abs(info["mean_eigenvalue"] - torch.trace(a).item() / 20) < 0.3 * torch.trace(a) / 20
+    torch.testing.assert_close(
+        x, torch.linalg.solve(a + 0.5 * torch.eye(20).double(), rows(2, 20).T).T
+    )
+
+
+# ---- on the tiny float64 task ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task():
+    task = TinyTask()
+    task.pretrained_model()
+    for s in task.scenarios:
+        task.finetuned_model(s)
+    return task
+
+
+@pytest.mark.parametrize("scenario", ["fixed", "updated"])
+def test_pcg_with_no_damping_equals_exact_and_explicit_hessians(task, scenario):
+    from test_ground_truth import dense_scores, engine_scores
+
+    dense = dense_scores(task, scenario)
+    exact = engine_scores(task, scenario, "exact")
+    pcg = engine_scores(task, scenario, "pcg")
+    scale = exact.abs().max()
+    assert ((pcg - exact).abs().max() / scale).item() <= 1e-6
+    assert ((pcg - dense).abs().max() / dense.abs().max()).item() <= 1e-6
+
+
+def pretrain_solve(task, solver):
+    pretrained = task.pretrained_model()
+    spaces = Spaces(
+        ParamSpace.of(pretrained, task.shared_parameters()),
+        ParamSpace.of(pretrained, ["head.weight", "head.bias"]),
+    )
+    u = rows(6, spaces.shared.size)
+    config = SolveConfig(solver, 0.0, cg_tol=1e-10, cg_max_iter=500)
+    return pretrain_vectors(task, pretrained, spaces, u, config)
+
+
+def test_pcg_takes_fewer_passes_than_cg(task):
+    x_cg, cg = pretrain_solve(task, "cg")
+    x_pcg, pcg = pretrain_solve(task, "pcg")
+    torch.testing.assert_close(x_pcg, x_cg, rtol=1e-7, atol=1e-9)
+    assert pcg["iterations"] < cg["iterations"]
+    assert pcg["preconditioner"] == "ekfac" and pcg["curvature"] == "hessian"
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+
+def test_one_table_of_solvers_builds_the_choices():
+    from precompute.cli import parser
+
+    assert SOLVERS == ("auto", *SOLVER_TABLE)
+    sub = parser()._subparsers._group_actions[0].choices["precompute"]
+    choices = {a.dest: a.choices for a in sub._actions}
+    assert tuple(choices["solver"]) == SOLVERS
+    assert tuple(choices["curvature"]) == CURVATURES
+
+
+def test_auto_picks_pcg_for_finetuning_systems_past_exact():
+    assert resolve("auto", 10**5, "finetune", 300) == "pcg"
+    assert resolve("auto", 10**5, "pretrain", 10**4) == "ekfac"
+    assert resolve("auto", 100, "finetune", 300) == "exact"
+
+
+def test_every_solver_takes_objective_rhs_config(task):
+    model = task.pretrained_model()
+    space = ParamSpace.of(model, ["head.weight", "head.bias"])
+    reg = torch.full((space.size,), 0.05, dtype=torch.float64)
+    objective = Objective(model, task.pretrain_loss, task.pretrain_data(), space, reg)
+    rhs = rows(2, space.size)
+    exact, _ = solve(objective, rhs, SolveConfig("exact", 0.01))
+    for name in SOLVER_TABLE:
+        x, info = solve(objective, rhs, SolveConfig(name, 0.01, cg_tol=1e-10))
+        assert info["solver"] == name and info["damping"] == 0.01
+        if name != "ekfac":  # the approximation; the others solve the same system
+            torch.testing.assert_close(x, exact, rtol=1e-7, atol=1e-10)
+
+
+def test_config_refuses_an_unknown_curvature():
+    from precompute.config import PrecomputeConfig
+
+    with pytest.raises(ValueError, match="--curvature 'fisher' is unknown: use hessian, ggn"):
+        PrecomputeConfig(curvature="fisher").check()
+    PrecomputeConfig(curvature="ggn", solver="pcg").check()
