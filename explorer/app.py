@@ -1,4 +1,4 @@
-"""The msif explorer, a Streamlit app over a run directory (DESIGN.md section 5).
+"""The msif explorer, a Streamlit app over a run directory (docs/design.md section 5).
 
 Run it with `msif explore RUN_DIR_OR_RUNS_ROOT` (explorer/launch.py), or
 `MSIF_RUN=RUN_DIR streamlit run explorer/app.py`. Thin entry: it resolves the run, reads the

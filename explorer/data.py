@@ -1,4 +1,4 @@
-"""Cached, pure readers of a run directory (DESIGN.md section 5). No widgets in here.
+"""Cached, pure readers of a run directory (docs/design.md section 5). No widgets in here.
 
 The file format itself (schemas, manifest checks, id checks) lives in `precompute.rundir`; the
 reads that stay small at a million pretraining examples live in `explorer.store`; this module
@@ -441,7 +441,7 @@ def removal_estimate(
 ) -> tuple[pd.Series, str]:
     """First-order estimate of each test's loss change if `pretrain_ids` were removed.
 
-    Removing z changes the loss of t by about score(z, t) (the sign convention of DESIGN.md
+    Removing z changes the loss of t by about score(z, t) (the sign convention of docs/design.md
     section 3), and to first order the effects add: delta l_t ~= sum over removed z of score(z,t).
     With scores.parquet every score is used; otherwise only the top-k lists (others count 0).
     """

@@ -1,4 +1,4 @@
-"""Reads of a large run that stay small (DESIGN.md section 5): no streamlit in here.
+"""Reads of a large run that stay small (docs/design.md section 5): no streamlit in here.
 
 At a million pretraining examples the text (or image) of every example, or a test's scores as a
 pandas Series of Python objects, would cost the server hundreds of MiB per run. So:

@@ -1,4 +1,4 @@
-"""Synthetic run directories in the documented format (DESIGN.md section 5).
+"""Synthetic run directories in the documented format (docs/design.md section 5).
 
 Used by the explorer's tests and its speed benchmark before (and besides) real engine runs. The
 data look like a small digits problem: 8x8 (or 28x28) grayscale digit images, or short text rows,

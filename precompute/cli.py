@@ -1,4 +1,4 @@
-"""The `msif` command line: precompute, validate, explore, demo (DESIGN.md section 6)."""
+"""The `msif` command line: precompute, validate, explore, demo (docs/design.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test-side vectors of the multi-stage influence function (DESIGN.md section 3).
+"""Test-side vectors of the multi-stage influence function (docs/design.md section 3).
 
 For a test example t with loss l_t at the finetuned parameters of the scenario:
 - FIXED:   u_t = grad_W l_t - M^T K^{-1} grad_T l_t, K = d2F/dT2, M = d2F/dT dW, where

@@ -1,4 +1,4 @@
-"""The run directory: the contract between precompute and explorer (DESIGN.md section 5).
+"""The run directory: the contract between precompute and explorer (docs/design.md section 5).
 
 A run is written into a temporary sibling directory and renamed into place when whole; the
 manifest is written last with "complete": true, so a crash never leaves a run that looks whole.

@@ -2,7 +2,7 @@
 
 A task names the data of both stages, the trained models, which parameters are SHARED (W, the
 pretrained embedding reused by finetuning) and the per-example losses. Everything else about a
-model is the task's business. See DESIGN.md section 4.
+model is the task's business. See docs/design.md section 4.
 
 `MultiStageTask` is an abstract base class: its 11 required methods are abstract, and its
 optional hooks are declared with defaults that mark them as not provided, so that `has_hook`
@@ -48,7 +48,7 @@ def _default_hook(method: _F) -> _F:
 class MultiStageTask(abc.ABC):
     """Base class of every msif task. Subclass it and implement the abstract methods below.
 
-    Notation (DESIGN.md section 2): W = shared parameters, U = pretraining-only parameters,
+    Notation (docs/design.md section 2): W = shared parameters, U = pretraining-only parameters,
     T = finetuning-only parameters. Pretraining minimises
     G(W, U) = (1/m) sum_i g(z_i; W, U) + (pretrain_l2/2)(|W|^2 + |U|^2); finetuning minimises
     (1/n) sum_j f(x_j; W, T) + (finetune_l2/2)|T|^2 over T (FIXED) or, in UPDATED, over (W, T)

@@ -155,7 +155,7 @@ def test_cache_dir_is_its_own_and_follows_the_architecture(task, tmp_path):
 # --------------------------------------------------------------------------------- slow tests
 @pytest.mark.slow
 def test_objective_gradients_vanish_at_returned_models(trained):
-    """Each objective of DESIGN.md section 2, written out here independently of the task."""
+    """Each objective of docs/design.md section 2, written out here independently of the task."""
     task, models = trained
     lp, lf, a = task.pretrain_l2, task.finetune_l2, task.proximal_alpha
     pre = models["pretrained"]

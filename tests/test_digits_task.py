@@ -211,7 +211,7 @@ def test_finetuned_test_accuracy(trained):
 
 @pytest.mark.slow
 def test_objective_gradients_vanish_at_returned_models(trained):
-    """Each objective of DESIGN.md section 2, written out here independently of the task."""
+    """Each objective of docs/design.md section 2, written out here independently of the task."""
     task, models = trained
     lp, lf, a = task.pretrain_l2, task.finetune_l2, task.proximal_alpha
 

@@ -135,7 +135,7 @@ class TinyTask(MultiStageTask):
         def objective():
             reg = sum((p**2).sum() for p in model.parameters())
             # (1/m) sum over the kept examples, m = the full count: removing z is upweighting it
-            # by -1/m, the change the score predicts (DESIGN.md section 3)
+            # by -1/m, the change the score predicts (docs/design.md section 3)
             data = (weight * F.cross_entropy(model(x), y, reduction="none")).sum() / len(x)
             return data + self.pretrain_l2 / 2 * reg
 

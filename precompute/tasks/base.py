@@ -36,8 +36,8 @@ class BuiltinTask(MultiStageTask):
 
     Pretraining minimises G(W, U) = (1/m) sum over the kept examples of g + (lp/2)(|W|^2 + |U|^2)
     (m the full count even when `keep` drops examples: removing z is then upweighting it by
-    -1/m); finetuning minimises the objective of each scenario (DESIGN.md section 2). How is the
-    subclass's business; it returns the optimum and a record of the run.
+    -1/m); finetuning minimises the objective of each scenario (docs/design.md section 2).
+    How is the subclass's business; it returns the optimum and a record of the run.
     """
 
     version: str = "1"

@@ -8,9 +8,9 @@ Data: sklearn's bundled 8x8 digits (nothing is downloaded), pixels scaled to [0,
 Model (float64 throughout): `DigitsNet`, an encoder 64 -> 32 -> 16 (tanh) shared by both stages
 (W = the encoder's parameters) and a linear head 16 -> 5 (U in pretraining, T in finetuning).
 
-Objectives (DESIGN.md section 2), all minimised full-batch in float64 (L-BFGS with a strong Wolfe
-line search, then Newton-CG on exact Hessian-vector products) to a gradient 2-norm of at most
-`grad_tol`, so that the influence engine's optimality assumption holds:
+Objectives (docs/design.md section 2), all minimised full-batch in float64 (L-BFGS with a
+strong Wolfe line search, then Newton-CG on exact Hessian-vector products) to a gradient
+2-norm of at most `grad_tol`, so that the influence engine's optimality assumption holds:
 - pretraining:  G(W, U) = (1/m) sum_i CE(z_i; W, U) + (lp/2)(|W|^2 + |U|^2), lp = pretrain_l2;
 - FIXED:        F(T) = (1/n) sum_j CE(x_j; W_pt, T) + (lf/2)|T|^2, lf = finetune_l2, the encoder
                 kept at the pretrained W_pt;

@@ -10,9 +10,10 @@ Model (float64): `DigitsCNN`, the shared encoder W
 and a linear head 9 c2 -> 5 (U in pretraining, T in finetuning); (c1, c2) = `channels`. The
 convolutions are nn.Conv2d modules called in forward, so the engine's per-layer rules see them.
 
-Objectives and training as in `digits` (DESIGN.md section 2; full-batch L-BFGS, then Newton-CG on
-exact Hessian-vector products, to a gradient 2-norm <= `grad_tol`), with this task's own
-regularisers; models cached under $MSIF_CACHE (else ~/.cache/msif) in `digits-cnn-<hash>`.
+Objectives and training as in `digits` (docs/design.md section 2; full-batch L-BFGS, then
+Newton-CG on exact Hessian-vector products, to a gradient 2-norm <= `grad_tol`), with this
+task's own regularisers; models cached under $MSIF_CACHE (else ~/.cache/msif) in
+`digits-cnn-<hash>`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ the L2 term (and fitting it to a small gradient norm took minutes instead of sec
 Finetuning: topic (5 classes) of an article from the mean embedding of its first `article_tokens`
 in-vocabulary tokens: f(x; W, T) = CE(head(mean E[w]), topic), T = `head` (nn.Linear(d, 5)).
 
-Objectives (DESIGN.md section 2), float64, minimised full-batch by L-BFGS (strong Wolfe line
+Objectives (docs/design.md section 2), float64, minimised full-batch by L-BFGS (strong Wolfe line
 search) in diagonally preconditioned variables (per word row, by its pooling weight; Newton-CG on
 exact Hessian-vector products if it stalls) to gradient 2-norms <= 1e-8:
 - pretraining:  G(W, U) = (1/m) sum_i g(z_i) + (lp/2)(|W|^2 + |U|^2), lp = pretrain_l2;
@@ -104,7 +104,7 @@ class NewsPretrainNet(nn.Module):
     """Word embedding (W) and the target-word head: logits = head(mean embedding).
 
     The head's weight is a fixed random code per target word (N(0, 1) entries from `seed`,
-    requires_grad=False, a constant as DESIGN.md section 4 allows); its bias is trained (U).
+    requires_grad=False, a constant as docs/design.md section 4 allows); its bias is trained (U).
     With the codes fixed the pretraining objective is convex in (W, U) and strictly convex with
     the L2 term; training both factors of a bilinear model would leave a flat optimum (E -> E R,
     codes -> codes R for any orthogonal R leave the loss and the L2 term unchanged).
