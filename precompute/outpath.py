@@ -69,7 +69,8 @@ def _listing(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _entries(folder: Path) -> list[str]:
+def entries(folder: Path) -> list[str]:
+    """The names in `folder`, a folder's with a trailing "/" (as the manifest lists them)."""
     try:
         return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     except OSError as exc:
@@ -99,8 +100,8 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise OutPathError(f"--out {out} is a mount point; give a new folder inside it")
     manifest = msif_manifest(real)
     if manifest is None:
-        entries = _entries(real)
-        holds = f"holds {_listing(entries)}" if entries else "is an empty folder"
+        names = entries(real)
+        holds = f"holds {_listing(names)}" if names else "is an empty folder"
         raise OutPathError(
             f"--out {out} already exists and is not an msif run (it {holds}); msif writes only "
             "into a new folder, or over an msif run with --overwrite, so nothing of yours is "
@@ -109,7 +110,7 @@ def check_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise OutPathError(f"--out {out} already holds an msif run; pass --overwrite to replace it")
     owned = set(manifest.get("files") or ()) | RUN_FILES
-    foreign = [e for e in _entries(real) if e not in owned]
+    foreign = [e for e in entries(real) if e not in owned]
     if foreign:
         raise OutPathError(
             f"--out {out} holds an msif run and also {_listing(foreign)}, which msif did not "

@@ -36,6 +36,7 @@ from precompute.scoring import (
     ShardStore,
     Sink,
     TopK,
+    finished,
     score_batches,
     shards,
 )
@@ -212,14 +213,13 @@ def ray_pass(
     pool = [actor.remote(payload) for _ in range(workers)]
     top, path = TopK(top_k), None
     todo = []
-    for shard in shards(m, shard_size(batch_size)):
-        done = store.load(shard) if store is not None else None
-        if done is None:
-            todo.append(shard)
+    parts = shards(m, shard_size(batch_size))
+    done = finished(store, parts, progress)
+    for shard in parts:
+        if shard.start in done:
+            top.merge(done[shard.start])
         else:
-            top.merge(done)
-            if progress is not None:
-                progress(len(shard))
+            todo.append(shard)
     pending: dict = {}
     queue = list(todo)
     idle = list(pool)

@@ -22,6 +22,7 @@ from precompute.outpath import (
     Claim,
     abandoned,
     check_out,
+    entries,
     remove_stale,
     temporary_name,
 )
@@ -169,7 +170,7 @@ class RunWriter:
         """Write the manifest (strict JSON, listing the run's files) and rename into place."""
         self._claim.release()
         (self.tmp / MARKER).unlink()
-        files = sorted(p.name + ("/" if p.is_dir() else "") for p in self.tmp.iterdir())
+        files = entries(self.tmp)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "generator": "msif",

@@ -46,28 +46,26 @@ class TopK:
 
     def update(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
         ids = ids.expand_as(scores)
-        for kind, largest in (("helpful", True), ("harmful", False)):
-            old_s, old_i = getattr(self, f"{kind}_scores"), getattr(self, f"{kind}_ids")
-            s = scores if old_s is None else torch.cat([old_s, scores], 1)
-            i = ids if old_i is None else torch.cat([old_i, ids], 1)
-            top = torch.topk(s, min(self.k, s.shape[1]), dim=1, largest=largest)
-            setattr(self, f"{kind}_scores", top.values)
-            setattr(self, f"{kind}_ids", i.gather(1, top.indices))
+        for kind in ("helpful", "harmful"):
+            self._fold(kind, scores, ids)
 
     def merge(self, other: TopK) -> TopK:
         """Fold in the lists of another part of the pretraining set (disjoint ids): the result
         is the top-k of the union, as if one pass had seen both parts."""
         if other.helpful_scores is None:
             return self
-        for kind, largest in (("helpful", True), ("harmful", False)):
-            scores, ids = getattr(other, f"{kind}_scores"), getattr(other, f"{kind}_ids")
-            old_s, old_i = getattr(self, f"{kind}_scores"), getattr(self, f"{kind}_ids")
-            s = scores if old_s is None else torch.cat([old_s, scores.to(old_s)], 1)
-            i = ids if old_i is None else torch.cat([old_i, ids.to(old_i.device)], 1)
-            top = torch.topk(s, min(self.k, s.shape[1]), dim=1, largest=largest)
-            setattr(self, f"{kind}_scores", top.values)
-            setattr(self, f"{kind}_ids", i.gather(1, top.indices))
+        for kind in ("helpful", "harmful"):
+            self._fold(kind, getattr(other, f"{kind}_scores"), getattr(other, f"{kind}_ids"))
         return self
+
+    def _fold(self, kind: str, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """Keep the k largest (helpful) or smallest (harmful) of the list and (scores, ids)."""
+        old_s, old_i = getattr(self, f"{kind}_scores"), getattr(self, f"{kind}_ids")
+        s = scores if old_s is None else torch.cat([old_s, scores.to(old_s)], 1)
+        i = ids if old_i is None else torch.cat([old_i, ids.to(old_i.device)], 1)
+        top = torch.topk(s, min(self.k, s.shape[1]), dim=1, largest=kind == "helpful")
+        setattr(self, f"{kind}_scores", top.values)
+        setattr(self, f"{kind}_ids", i.gather(1, top.indices))
 
     def state(self) -> dict[str, torch.Tensor]:
         """The lists as plain tensors on the CPU (to save with torch.save; load weights_only)."""
@@ -324,16 +322,28 @@ def score_pretraining(
     if callable(shard_size):
         shard_size = shard_size(batch_size)
     top = TopK(top_k)
-    for shard in shards(m, shard_size or m or 1):
-        done = store.load(shard) if store is not None else None
-        if done is None:
-            done = score_shard(unit, dataset, shard, top_k, batch_size, sink, progress)
+    parts = shards(m, shard_size or m or 1)
+    done = finished(store, parts, progress)
+    for shard in parts:
+        part = done.get(shard.start)
+        if part is None:
+            part = score_shard(unit, dataset, shard, top_k, batch_size, sink, progress)
             if store is not None:
-                store.save(shard, done)
-        elif progress is not None:
-            progress(len(shard))
-        top.merge(done)
+                store.save(shard, part)
+        top.merge(part)
     return unit.result(top)
+
+
+def finished(store: ShardStore | None, parts: list[range], progress=None) -> dict[int, TopK]:
+    """{shard start: its top lists} of the shards `store` holds (counted as progress)."""
+    done = {}
+    for shard in parts:
+        part = store.load(shard) if store is not None else None
+        if part is not None:
+            done[shard.start] = part
+            if progress is not None:
+                progress(len(shard))
+    return done
 
 
 class ShardStore:
