@@ -430,7 +430,8 @@ def worker(method: str, size: str, problem: Path, out: Path) -> None:
     elif method.startswith("msif-"):
         solver = method.removeprefix("msif-")
         rows = solver == "pcg-rows"
-        scores, fit, info = msif_scores(problem, "pcg" if rows else solver, rows_pcg=rows)
+        tol = float(os.environ.get("BENCH_TOL", "1e-6"))
+        scores, fit, info = msif_scores(problem, "pcg" if rows else solver, tol, rows_pcg=rows)
     elif method == "kronfluence-ekfac":
         with tempfile.TemporaryDirectory() as work:
             scores, fit, info = kronfluence_scores(problem, Path(work))
@@ -482,7 +483,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="small")
     parser.add_argument("--methods", help="comma-separated (default: per size)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msif-peers")
-    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per method")
+    parser.add_argument("--tol", type=float, default=1e-6, help="msif cg/pcg tolerance")
+    parser.add_argument("--no-reference", action="store_true", help="times only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--problem", type=Path, help=argparse.SUPPRESS)
@@ -491,16 +494,17 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args.worker, args.size, args.problem, args.out)
     args.work.mkdir(parents=True, exist_ok=True)
+    os.environ["BENCH_TOL"] = str(args.tol)
     for size in args.sizes.split(","):
         problem = args.work / f"{size}.pt"
         if not problem.is_file():
             make_problem(size, problem)
         methods = args.methods.split(",") if args.methods else DEFAULT_METHODS[size]
         reference_file = args.work / f"{size}-reference.npy"
-        if not reference_file.is_file():
+        if not reference_file.is_file() and not args.no_reference:
             record = run("reference", size, problem, args.work, args.timeout)
             print(f"[{size}] reference: {json.dumps(record, default=float)}", flush=True)
-        reference = np.load(reference_file)
+        reference = None if args.no_reference else np.load(reference_file)
         spec = SIZES[size]
         print(f"[{size}] {spec['train']:,} training examples, {spec['queries']} queries, "
               f"lambda = {L2 + DAMPING:g}", flush=True)  # fmt: skip
@@ -512,7 +516,12 @@ def main(argv=None) -> None:
                 print(f"{method:<18} {record['error']}", flush=True)
                 continue
             scores = np.load((args.work / f"{size}-{method}.json").with_suffix(".npy"))
-            a = agreement(scores, reference)
+            nan = float("nan")
+            a = (
+                agreement(scores, reference)
+                if reference is not None
+                else dict.fromkeys(("pearson", "spearman", "top10"), nan)
+            )
             print(
                 f"{method:<18} {record['fit_s']:8.2f} {record['score_s']:8.2f} "
                 f"{record['total_s']:8.2f} {record['peak_rss_mib']:8.0f} {a['pearson']:8.4f} "

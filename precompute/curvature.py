@@ -344,12 +344,18 @@ def _pcg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tenso
     once for this objective (two passes over its data)."""
     from precompute.ekfac import EKFAC
 
-    curvature = EKFAC(objective).fit()
+    # for a GGN system, EK-FAC of the GGN itself (precompute.ekfac.ggn_roots) rather than of the
+    # empirical Fisher: on the 5,829-parameter benchmark MLP it brought the largest eigenvalue
+    # of M^{-1} A from 65 to 11 (one sampled column), though not the condition number
+    fisher = "ggn" if objective.split is not None else "empirical"
+    curvature = EKFAC(objective, fisher=fisher).fit()
     x, info = solve_pcg_hvp(
         objective.hvp, rhs, config.damping, curvature.preconditioner, config.cg_tol,
         config.cg_max_iter,
     )  # fmt: skip
-    info.update(curvature=objective.curvature, preconditioner="ekfac", **_ekfac_layout(curvature))
+    preconditioner = "ekfac (GGN)" if fisher == "ggn" else "ekfac (empirical Fisher)"
+    info.update(curvature=objective.curvature, preconditioner=preconditioner)
+    info.update(_ekfac_layout(curvature))
     return x, info
 
 

@@ -29,6 +29,7 @@ from precompute.layers import DenseRule, EmbeddingRule, dense_weight_grads, laye
 from precompute.objective import Objective, ParamSpace, batch_grads, batches, functional_loss
 
 FIT_BUDGET = 2**26  # entries of the largest per-example tensor of a fitting batch
+GGN_EXACT_OUTPUTS = 16  # up to this many outputs per example, the GGN fit takes every column
 
 
 @dataclass
@@ -47,9 +48,17 @@ class _Block:
 class EKFAC:
     """EK-FAC of an Objective's data Hessian; `solve` applies (approximation + reg + d)^{-1}."""
 
-    def __init__(self, objective: Objective):
+    def __init__(self, objective: Objective, fisher: str = "empirical", seed: int = 0):
+        """`fisher`: "empirical" fits the gradients of the task's own losses; "ggn" fits
+        gradients whose second moment is the objective's Gauss-Newton matrix (see `ggn_roots`;
+        needs objective.split; one pass per output up to GGN_EXACT_OUTPUTS outputs, one
+        sampled pass past that), the better preconditioner of a GGN system."""
         self.objective = objective
         module_of, self.loss_fn = objective.model, objective.loss_fn
+        self.fisher = fisher
+        if fisher == "ggn":
+            self.loss_fn = _sampled_loss(objective.split)
+            self._generator = torch.Generator(device=objective.device).manual_seed(seed)
         self.model, self.batch_size = module_of, objective.batch_size
         space = objective.space
         params = dict(module_of.named_parameters())
@@ -85,62 +94,95 @@ class EKFAC:
         return [b.module for b in self.blocks]
 
     # ---- fitting: two passes over the data ----------------------------------------------
+    # Each pass is a sum over the data of `partial(step, state, within)`, so it shards: `fit`
+    # takes the sums from the objective's sharded engine when it has one (precompute.ray_engine,
+    # each worker summing its shards) and from one stream over all the data otherwise.
     def fit(self) -> EKFAC:
-        dataset, device = self.objective.dataset, self.objective.device
-        n = len(dataset)
-        factors = {id(b.module): [None, None] for b in self.blocks}
-        for batch in self._progress(batches(dataset, self.batch_size, device), "EK-FAC factors"):
-            _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
-            for module, a, g in calls:
-                a_cov, s_cov = self._covariances(self._block(module), a, g)
-                slot = factors[id(module)]
-                slot[0] = a_cov if slot[0] is None else slot[0] + a_cov
-                slot[1] = s_cov if slot[1] is None else slot[1] + s_cov
-        for block in self.blocks:
-            a_cov, s_cov = factors[id(block.module)]
+        n = len(self.objective.dataset)
+        sharded = getattr(self.objective, "sharded", None)
+
+        def total(step: str, state=None):
+            if sharded is not None:
+                return sharded.ekfac_sum(self.fisher, step, state)
+            return self.partial(step, state, progress=True)
+
+        for block, (a_cov, s_cov) in zip(self.blocks, total("factors"), strict=True):
             if s_cov is None:  # the layer never touched the loss
                 continue
             block.q_s = torch.linalg.eigh(s_cov.double())[1].to(s_cov.dtype)
             if not isinstance(block.rule, EmbeddingRule):
                 block.q_a = torch.linalg.eigh(a_cov.double())[1].to(a_cov.dtype)
-        stream = batches(dataset, self.batch_size, device)
-        for batch in self._progress(stream, "EK-FAC eigenvalues"):
-            _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
-            per_module: dict[int, torch.Tensor] = {}
-            for module, a, g in calls:
-                block = self._block(module)
-                if block.q_s is None:
-                    continue
-                rotated = self._rotated_gradients(block, a, g)  # summed over calls below
-                key = id(module)
-                per_module[key] = rotated if key not in per_module else per_module[key] + rotated
-            for key, rotated in per_module.items():
-                block = self._block_by_id(key)
-                square = (rotated**2).sum(0)
-                block.eigenvalues = (
-                    square if block.eigenvalues is None else block.eigenvalues + square
-                )
-        for block in self.blocks:
-            if block.eigenvalues is not None:
-                block.eigenvalues = block.eigenvalues / n
+        for block, square in zip(self.blocks, total("eigenvalues", self.bases()), strict=True):
+            block.eigenvalues = None if square is None else square / n
         if self.diagonal_space.names:
+            self.diagonal = total("diagonal") / n
+        return self
+
+    def bases(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(Q_A, Q_S) of every block, in order: the state the eigenvalue pass needs."""
+        return [(b.q_a, b.q_s) for b in self.blocks]
+
+    def partial(self, step: str, state=None, within: range | None = None, progress=False):
+        """One pass's sum over the examples in `within` (default all), per block in order:
+        "factors", [(sum a a^T, sum g g^T)] (None where no example reaches the layer);
+        "eigenvalues", given `bases()` as state, [sum (Q_S^T G_i Q_A)^2]; "diagonal", the
+        summed squared gradients of the parameters outside the blocks."""
+        stream = self._batches(within)
+        if progress:
+            stream = self._progress(stream, f"EK-FAC {step}")
+        if step == "diagonal":
             loss = functional_loss(self.model, self.loss_fn, self.diagonal_space)
             theta = self.diagonal_space.read(self.model)
             total = torch.zeros_like(theta)
-            for batch in batches(dataset, self.batch_size, device):
+            for batch in stream:
                 total += (batch_grads(loss, theta, batch) ** 2).sum(0)
-            self.diagonal = total / n
-        return self
+            return total
+        if step == "eigenvalues":
+            for block, (q_a, q_s) in zip(self.blocks, state, strict=True):
+                block.q_a, block.q_s = q_a, q_s
+        sums: list = [None] * len(self.blocks)
+        index = {id(b.module): i for i, b in enumerate(self.blocks)}
+        for batch in stream:
+            _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
+            rotated_sums: dict[int, torch.Tensor] = {}
+            for module, a, g in calls:
+                i = index[id(module)]
+                block = self.blocks[i]
+                if step == "factors":
+                    a_cov, s_cov = self._covariances(block, a, g)
+                    sums[i] = (a_cov, s_cov) if sums[i] is None else (
+                        None if a_cov is None else sums[i][0] + a_cov, sums[i][1] + s_cov
+                    )  # fmt: skip
+                elif block.q_s is not None:  # a layer's calls add up before the square
+                    rotated = self._rotated_gradients(block, a, g)
+                    rotated_sums[i] = rotated + rotated_sums.get(i, 0)
+            for i, rotated in rotated_sums.items():
+                square = (rotated**2).sum(0)
+                sums[i] = square if sums[i] is None else sums[i] + square
+        if step == "factors":
+            return [(None, None) if x is None else x for x in sums]
+        return sums
+
+    def _batches(self, within: range | None = None):
+        """The objective's data (the examples in `within`, default all) in batches; for the
+        "ggn" Fisher each batch carries its sampled output weights, (batch, w)."""
+        objective = self.objective
+        stream = batches(objective.dataset, self.batch_size, objective.device, within=within)
+        if self.fisher != "ggn":
+            yield from stream
+            return
+        for batch in stream:
+            roots = ggn_roots(self.objective.split, self.model, batch)  # [B, K, K]
+            if roots.shape[-1] <= GGN_EXACT_OUTPUTS:  # every column: the exact GGN, no noise
+                for k in range(roots.shape[-1]):
+                    yield [batch, roots[..., k]]
+            else:
+                noise = torch.randn(roots.shape[:2], generator=self._generator).to(roots)
+                yield [batch, (roots @ noise[..., None]).squeeze(-1)]
 
     def _progress(self, iterable, desc: str):
         total = -(-len(self.objective.dataset) // self.batch_size)
         return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False, disable=None)
-
-    def _block(self, module: nn.Module) -> _Block:
-        return self._block_by_id(id(module))
-
-    def _block_by_id(self, key: int) -> _Block:
-        return next(b for b in self.blocks if id(b.module) == key)
 
     @staticmethod
     def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:
@@ -239,3 +281,47 @@ class EKFAC:
             x = left / (self.diagonal + left_reg + damping)
             out.update(self.diagonal_space.unflatten(x))
         return torch.cat([out[n].reshape(q, -1) for n in space.names], 1)
+
+
+def ggn_roots(split, model: nn.Module, batch) -> torch.Tensor:
+    """L_i with L_i L_i^T = H_i, the Hessian of the loss in example i's outputs (from split;
+    K = outputs per example): [B, K, K], by K forward-over-reverse products of the loss in the
+    outputs, one per output coordinate for all examples at once (the loss is a sum of
+    per-example terms), and an eigendecomposition of each H_i.
+
+    For any w_i = L_i e, the gradient of <f_i, w_i> (w held constant) is J_i^T L_i e, and
+    sum_k (J_i^T L_i e_k)(J_i^T L_i e_k)^T = J_i^T H_i J_i: an EK-FAC fitted on the gradients of
+    every column of L_i is the EK-FAC of the Gauss-Newton matrix (for cross-entropy, of the true
+    Fisher, where the task's own gradients give the empirical Fisher); with one sampled
+    e ~ N(0, I) per example it is that in expectation (Martens & Grosse 2015, Kronfluence)."""
+    with torch.no_grad():
+        outputs = split.outputs(model, batch)
+    flat = outputs.reshape(len(outputs), -1)
+    k = flat.shape[1]
+
+    def loss_grad(f):
+        return torch.func.grad(lambda o: split.loss_of_outputs(o.view_as(outputs), batch).sum())(f)
+
+    eye = torch.eye(k, dtype=flat.dtype, device=flat.device)
+    columns = [torch.func.jvp(loss_grad, (flat,), (eye[j].expand_as(flat),))[1] for j in range(k)]
+    hessians = torch.stack(columns, -1)  # [B, K, K]
+    values, vectors = torch.linalg.eigh((hessians + hessians.transpose(1, 2)) / 2)
+    return vectors * values.clamp_min(0).sqrt()[:, None, :]
+
+
+def ggn_samples(split, model: nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
+    """Output weights w_i = L_i e_i, e_i ~ N(0, I) (see ggn_roots): E[w_i w_i^T] = H_i. [B, K]"""
+    roots = ggn_roots(split, model, batch)
+    noise = torch.randn(roots.shape[:2], generator=generator).to(roots)
+    return (roots @ noise[..., None]).squeeze(-1)
+
+
+def _sampled_loss(split):
+    """(model, (batch, w)) -> <f_i, w_i> per example: gradients J_i^T w_i (see ggn_samples)."""
+
+    def loss(model: nn.Module, item) -> torch.Tensor:
+        batch, w = item
+        outputs = split.outputs(model, batch)
+        return (outputs.reshape(len(outputs), -1) * w).sum(1)
+
+    return loss

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from precompute.objective import LossSplit
-from precompute.task import MultiStageTask, TaskError
+from precompute.task import MultiStageTask, TaskError, has_hook
 
 
 def _cross_entropy(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -64,12 +64,19 @@ def loss_split(task: MultiStageTask, stage: str, model: torch.nn.Module, batch: 
     """The task's {stage} loss as h(f): from its hooks, or recognised as a standard loss; checked
     on `batch` against {stage}_loss. TaskError (one sentence) when neither holds."""
     loss_fn = getattr(task, f"{stage}_loss")
-    outputs_hook = getattr(task, f"{stage}_outputs", None)
-    loss_hook = getattr(task, f"{stage}_loss_from_outputs", None)
+    outputs_name, loss_name = f"{stage}_outputs", f"{stage}_loss_from_outputs"
     with torch.no_grad():
         expected = loss_fn(model, batch)
-    if callable(outputs_hook) and callable(loss_hook):
-        split = LossSplit(outputs_hook, loss_hook, "hooks")
+    if has_hook(task, outputs_name) != has_hook(task, loss_name):
+        given, missing = (
+            (outputs_name, loss_name) if has_hook(task, outputs_name) else (loss_name, outputs_name)
+        )
+        raise TaskError(
+            f"task {task.name!r} provides {given}() but not {missing}(): the Gauss-Newton "
+            "curvature (--curvature ggn) needs both"
+        )
+    if has_hook(task, outputs_name):
+        split = LossSplit(getattr(task, outputs_name), getattr(task, loss_name), "hooks")
         if not _agrees(split, model, batch, expected):
             raise TaskError(
                 f"task {task.name!r}: {stage}_loss_from_outputs({stage}_outputs(model, batch), "

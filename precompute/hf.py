@@ -290,6 +290,8 @@ class HFTask(MultiStageTask):
         self._tensors: dict[str, TensorExamples] = {}
         self._shared: list[str] | None = None
         self._id2label: dict[int, str] | None = None
+        self._most_masked: int | None = None  # most masked positions of a pretraining example
+        self._kind: str | None = None  # the pretraining kind, once a pretraining model was seen
 
     # ---------------------------------------------------------------- for the user to provide
     @abc.abstractmethod
@@ -350,39 +352,82 @@ class HFTask(MultiStageTask):
 
     # ------------------------------------------------------------------ losses and outputs
     def pretrain_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Per-example g(z; W, U), shape [B], by the pretraining kind (module docstring)."""
-        kind = self.kind_of(model)
-        labels = batch["labels"].to(next(model.parameters()).device) if "labels" in batch else None
-        if kind in ("masked_lm", "model_loss") and labels is None:
-            raise TaskError(f"task {self.name!r}: {kind} pretraining examples need labels")
-        inputs = model_inputs(model, batch)
-        if kind == "model_loss":
+        """Per-example g(z; W, U), shape [B], by the pretraining kind (module docstring):
+        `pretrain_loss_from_outputs(pretrain_outputs(model, batch), batch)`, except for
+        model_loss (the model's own loss, one forward per example)."""
+        if self._pretrain_kind(model) == "model_loss":
+            labels = self._labels(model, batch, required=True)
+            inputs = model_inputs(model, batch)
             rows = [
                 model(**{k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in inputs.items()},
                       labels=labels[i : i + 1]).loss
                 for i in range(len(labels))
             ]  # fmt: skip
             return torch.stack(rows)
+        return self.pretrain_loss_from_outputs(self.pretrain_outputs(model, batch), batch)
+
+    def pretrain_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The logits the pretraining loss sees, [B, N, V] (the network function f of the
+        Gauss-Newton curvature, `--curvature ggn`): masked_lm with `mlm_head`, the head at the
+        first k masked positions of each example (k = the most any pretraining example has);
+        masked_lm without it, every position; causal_lm, positions 0..L-2 (each predicting the
+        next token)."""
+        kind = self._pretrain_kind(model)
+        if kind == "model_loss":
+            raise TaskError(
+                f"task {self.name!r}: pretrain_kind 'model_loss' has no logits for the "
+                "Gauss-Newton curvature: set pretrain_kind to masked_lm or causal_lm, or use "
+                "--curvature hessian"
+            )
+        inputs = model_inputs(model, batch)
         if kind == "masked_lm" and self.mlm_head is not None:
-            return self._masked_lm_at_masks(model, inputs, labels)
+            labels = self._labels(model, batch, required=True)
+            hidden = model.base_model(**inputs).last_hidden_state  # [B, L, d]
+            positions, _ = masked_positions(labels, min(self._most_masked_count(), labels.shape[1]))
+            at = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            return model.get_submodule(self.mlm_head)(at)
         logits = model(**inputs).logits
+        return logits if kind == "masked_lm" else logits[:, :-1]
+
+    def pretrain_loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """g as a function of `pretrain_outputs`, [B]: the mean cross-entropy of the logits at
+        the positions with a label (convex in the logits)."""
+        kind = self._kind
+        labels = batch.get("labels")
+        labels = None if labels is None else labels.to(outputs.device)
         if kind == "masked_lm":
-            return masked_lm_losses(logits, labels)
+            if labels is None:
+                raise TaskError(f"task {self.name!r}: masked_lm pretraining examples need labels")
+            if self.mlm_head is not None:
+                labels = masked_positions(labels, outputs.shape[1])[1]
+            return masked_lm_losses(outputs, labels)
         if labels is None:  # next-token targets: the inputs, padding ignored
-            labels = inputs["input_ids"]
+            labels = batch["input_ids"].to(outputs.device)
             if "attention_mask" in batch:
                 pad = batch["attention_mask"].to(labels.device) == 0
                 labels = labels.masked_fill(pad, IGNORE)
-        return causal_lm_losses(logits, labels)
+        return masked_lm_losses(outputs, labels[:, 1:])
 
-    def _masked_lm_at_masks(self, model, inputs, labels) -> torch.Tensor:
-        """The masked-LM loss with the head (`mlm_head`) run only at the (at most k) masked
-        positions of each example, k the most any pretraining example has: same value."""
-        k = int((self.pretrain_data().tensors["labels"] != IGNORE).sum(1).max().clamp_min(1))
-        hidden = model.base_model(**inputs).last_hidden_state  # [B, L, d]
-        positions, picked = masked_positions(labels, min(k, labels.shape[1]))
-        at = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return masked_lm_losses(model.get_submodule(self.mlm_head)(at), picked)
+    def _pretrain_kind(self, model: nn.Module) -> str:
+        """kind_of(model), remembered for pretrain_loss_from_outputs (which sees no model)."""
+        self._kind = self.kind_of(model)
+        return self._kind
+
+    def _labels(self, model: nn.Module, batch: Any, required: bool) -> torch.Tensor | None:
+        if "labels" not in batch:
+            if required:
+                kind = self._pretrain_kind(model)
+                raise TaskError(f"task {self.name!r}: {kind} pretraining examples need labels")
+            return None
+        return batch["labels"].to(next(model.parameters()).device)
+
+    def _most_masked_count(self) -> int:
+        """The most masked positions of a pretraining example: a shape, so a Python int known
+        before any vmap."""
+        if self._most_masked is None:
+            masked = self.pretrain_data().tensors["labels"] != IGNORE
+            self._most_masked = int(masked.sum(1).max().clamp_min(1))
+        return self._most_masked
 
     def finetune_logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Class logits [B, C] of the sequence-classification model."""
@@ -390,8 +435,15 @@ class HFTask(MultiStageTask):
 
     def finetune_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example f(x; W, T) = -log softmax(logits)[label], shape [B]."""
-        labels = batch["labels"].to(next(model.parameters()).device)
-        return classification_losses(self.finetune_logits(model, batch), labels)
+        return self.finetune_loss_from_outputs(self.finetune_outputs(model, batch), batch)
+
+    def finetune_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The class logits [B, C]: the network function of the Gauss-Newton curvature."""
+        return self.finetune_logits(model, batch)
+
+    def finetune_loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """f as a function of the logits, [B]: -log softmax(outputs)[label]."""
+        return classification_losses(outputs, batch["labels"].to(outputs.device))
 
     def represent(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The shared encoder's last hidden state pooled by `pooling`, [B, d]."""

@@ -22,6 +22,7 @@ score(z, t) = (1/m) grad l_t . H_G^{-1} grad g(z).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -152,11 +153,18 @@ def pretrain_vectors(
     u: torch.Tensor,
     config: SolveConfig,
     batch_size: int = 512,
+    sharded: Callable | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """s_t = H_G^{-1} [u_t ; 0_U] for the stacked rows of u [Q, |W|]; returns [Q, |W| + |U|]."""
+    """s_t = H_G^{-1} [u_t ; 0_U] for the stacked rows of u [Q, |W|]; returns [Q, |W| + |U|].
+    `sharded(objective)`, if given, is a context manager that sums the solve's passes over the
+    pretraining data on other workers (precompute.ray_engine.RayCurvature)."""
     space = spaces.shared + spaces.pretrain_only
     reg = torch.full((space.size,), float(task.pretrain_l2), dtype=torch.float64)
     data = task.pretrain_data()
     h_g = curvature_objective(task, "pretrain", model, data, space, reg, config, batch_size)
     rhs = torch.cat([u, u.new_zeros(len(u), spaces.pretrain_only.size)], dim=1)
-    return solve(h_g, rhs, config, stage="pretrain")
+    if sharded is None:
+        return solve(h_g, rhs, config, stage="pretrain")
+    with sharded(h_g) as engine:
+        s, info = solve(h_g, rhs, config, stage="pretrain")
+    return s, {**info, **engine.describe()}

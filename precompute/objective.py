@@ -261,6 +261,9 @@ class Objective:
         self.split = split
         self.outputs = functional_loss(model, split.outputs, space) if split else None
         self._activations: int | None = None
+        # an engine summing curvature products and EK-FAC statistics over shards of the data
+        # on other workers (precompute.ray_engine.RayCurvature), or None: this process
+        self.sharded = None
 
     def product_batch(self, rows: int) -> int:
         """Examples per batch of a curvature product over `rows` vectors: at least batch_size,
@@ -278,11 +281,12 @@ class Objective:
         return self.space.size
 
     @torch.no_grad()  # torch.func transforms inside still differentiate; nothing else records
-    def data_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(1/n) sum_i d2 loss_i/dtheta2 @ v for each row v of vectors [Q, p] (double backward)."""
+    def hessian_sum(self, vectors: torch.Tensor, within: range | None = None) -> torch.Tensor:
+        """sum_i d2 loss_i/dtheta2 @ v over the examples i in `within` (default all), for each
+        row v of vectors [Q, p] (double backward)."""
         out = torch.zeros_like(vectors)
         size = self.product_batch(len(vectors))
-        for batch in batches(self.dataset, size, self.device):
+        for batch in batches(self.dataset, size, self.device, within=within):
 
             def grad_sum(theta, batch=batch):
                 return torch.func.grad(lambda t: self.loss(t, batch).sum())(theta)
@@ -292,17 +296,17 @@ class Objective:
                 for start in range(0, len(vectors), self.rhs_chunk):
                     chunk = vectors[start : start + self.rhs_chunk]
                     out[start : start + len(chunk)] += torch.func.vmap(vjp)(chunk)[0]
-        return out / self.n
+        return out
 
     @torch.no_grad()
-    def data_ggn(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(1/n) sum_i J_i^T H_i J_i @ v for each row v of vectors [Q, p]: J_i v by forward
-        mode, H_i (J_i v) = d/de grad_f h(f + e J_i v) by forward over reverse, then one
-        reverse-mode product with J^T, all vmapped over the rows."""
+    def ggn_sum(self, vectors: torch.Tensor, within: range | None = None) -> torch.Tensor:
+        """sum_i J_i^T H_i J_i @ v over the examples i in `within` (default all), for each row v
+        of vectors [Q, p]: J_i v by forward mode, H_i (J_i v) = d/de grad_f h(f + e J_i v) by
+        forward over reverse, then one reverse-mode product with J^T, vmapped over the rows."""
         split = self.split
         out = torch.zeros_like(vectors)
         size = self.product_batch(len(vectors))
-        for batch in batches(self.dataset, size, self.device):
+        for batch in batches(self.dataset, size, self.device, within=within):
 
             def network(theta, batch=batch):
                 return self.outputs(theta, batch)
@@ -321,11 +325,28 @@ class Objective:
                 for start in range(0, len(vectors), self.rhs_chunk):
                     chunk = vectors[start : start + self.rhs_chunk]
                     out[start : start + len(chunk)] += torch.func.vmap(product)(chunk)
-        return out / self.n
+        return out
+
+    def data_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(1/n) sum_i d2 loss_i/dtheta2 @ v for each row v of vectors [Q, p]."""
+        return self.hessian_sum(vectors) / self.n
+
+    def data_ggn(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(1/n) sum_i J_i^T H_i J_i @ v for each row v of vectors [Q, p]."""
+        return self.ggn_sum(vectors) / self.n
+
+    def curvature_sum(self, vectors: torch.Tensor, within: range | None = None) -> torch.Tensor:
+        """The chosen curvature's data sum (Hessian or GGN) over the examples in `within`."""
+        if self.curvature == "ggn":
+            return self.ggn_sum(vectors, within)
+        return self.hessian_sum(vectors, within)
 
     def data_curvature(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The data term of the chosen curvature (Hessian or GGN) times each row of vectors."""
-        return self.data_ggn(vectors) if self.curvature == "ggn" else self.data_hvp(vectors)
+        """The data term of the chosen curvature times each row of vectors: (1/n) times the sum
+        over all examples, taken from the sharded engine (`sharded`) when one is attached."""
+        if self.sharded is not None:
+            return self.sharded.curvature_sum(vectors) / self.n
+        return self.curvature_sum(vectors) / self.n
 
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """C @ v for each row v of vectors [Q, p], C = the chosen curvature of F: the data term's

@@ -8,6 +8,7 @@ and the pass are checked (precompute.health) before the next stage starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -135,9 +136,9 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
         preflight()
     timer = Timer(log)
     writer = RunWriter(Path(out), overwrite=config.overwrite, resume=config.resume)
-    with writer:
+    with writer, engine_cluster(config, log) as cluster:
         try:
-            return _precompute(task, config, scenarios, device, writer, timer, log)
+            return _precompute(task, config, scenarios, device, writer, timer, log, cluster)
         except (KeyboardInterrupt, StageError, ResumeError):
             # kept for --resume; the next run at this path without --resume removes it
             # worth keeping when some stage finished beyond the load (key.json)
@@ -147,7 +148,26 @@ def precompute(task: MultiStageTask, out: Path, config: PrecomputeConfig, log=pr
             raise
 
 
-def _precompute(task, config, scenarios, device, writer, timer, log) -> Path:
+def engine_cluster(config: PrecomputeConfig, log):
+    """The Ray cluster the run's pretraining solve and pass use (`--engine ray`; connected
+    once, left when the run ends), or a context giving None for the local engine."""
+    if config.engine != "ray":
+        return contextlib.nullcontext()
+    from precompute.ray_engine import RayCluster
+
+    return RayCluster(log)
+
+
+def sharded_solve(cluster, device: torch.device):
+    """For pretrain_vectors: its passes over the pretraining data on the cluster, or None."""
+    if cluster is None:
+        return None
+    from precompute.ray_engine import RayCurvature
+
+    return lambda objective: RayCurvature(cluster, objective, device.type)
+
+
+def _precompute(task, config, scenarios, device, writer, timer, log, cluster) -> Path:
     solve_config = SolveConfig(
         config.solver, config.damping, config.cg_tol, config.cg_max_iter, config.curvature
     )
@@ -214,8 +234,14 @@ def _precompute(task, config, scenarios, device, writer, timer, log) -> Path:
         s_vectors, info = state.tensor(
             "pretrain_solve",
             lambda: pretrain_vectors(
-                task, pretrained, spaces, torch.cat(u_rows), solve_config, config.objective_batch
-            ),
+                task,
+                pretrained,
+                spaces,
+                torch.cat(u_rows),
+                solve_config,
+                config.objective_batch,
+                sharded=sharded_solve(cluster, device),
+            ),  # fmt: skip
         )
         s_vectors = s_vectors.to(device)
         solves.add("pretrain_solve", "pretrain", "pretraining Hessian H_G", info, scenarios)
@@ -224,7 +250,7 @@ def _precompute(task, config, scenarios, device, writer, timer, log) -> Path:
     with timer.stage("pretraining_pass"):
         result = pretraining_pass(
             task, pretrained, pretrain_data, spaces, s_vectors, config, writer, state, full,
-            scenarios, log,
+            scenarios, log, cluster,
         )  # fmt: skip
     agreement = None
     if config.agreement_tests:
@@ -327,7 +353,7 @@ def full_reason(setting: str, full: bool, rows: int) -> str:
 
 
 def pretraining_pass(task, pretrained, pretrain_data, spaces, s_vectors, config, writer, state,
-                     full, scenarios, log=print):  # fmt: skip
+                     full, scenarios, log=print, cluster=None):  # fmt: skip
     """The streaming pass (precompute.scoring) in shards, each finished shard checkpointed (its
     top lists; with `full`, its scores in a memory-mapped array), the scores checked (finite,
     not all zero) and, when `full`, written to scores.parquet."""
@@ -353,12 +379,11 @@ def pretraining_pass(task, pretrained, pretrain_data, spaces, s_vectors, config,
     )
     sizes = dict(shard_size=lambda batch_size: shard_size(m, batch_size), store=shards)
     with tqdm(total=m, desc="pretraining pass", unit="ex", leave=False, disable=None) as bar:
-        if config.engine == "ray":
-            from precompute.ray_engine import RayCluster, ray_pass
+        if cluster is not None:
+            from precompute.ray_engine import ray_pass
 
-            with RayCluster(log) as cluster:
-                result, engine = ray_pass(*args, keep if full else None, bar.update, **sizes,
-                                          cluster=cluster)  # fmt: skip
+            result, engine = ray_pass(*args, keep if full else None, bar.update, **sizes,
+                                      cluster=cluster)  # fmt: skip
         else:
             result = score_pretraining(*args, keep if full else None, bar.update, **sizes)
             engine = {"engine": "local"}

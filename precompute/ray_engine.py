@@ -1,4 +1,4 @@
-"""The pretraining pass on a Ray cluster (`msif precompute --engine ray`).
+"""The pretraining pass and the pretraining Hessian's solve on a Ray cluster (`--engine ray`).
 
 The pass is a sum over pretraining examples, so it shards: Ray actors, one per worker CPU (or
 GPU with `--device cuda`), each hold the pretrained model, the loss and the s-vectors, put once
@@ -9,6 +9,13 @@ receives each shard's scores for scores.parquet. A shard is idempotent: when an 
 new one is started and the shard runs again, and the driver takes each shard's result once, so
 nothing is lost or counted twice. Finished shards go to the run's ShardStore, so `--resume`
 continues after a failed job.
+
+The solve's passes over the pretraining data shard the same way (`RayCurvature`): every
+curvature product (Hessian or Gauss-Newton, for cg, pcg, exact and the damping's trace estimate)
+and each of EK-FAC's statistics passes (factors, eigenvalue corrections, diagonal) is a sum over
+examples, computed per shard by actors holding the objective and summed by the driver; the
+solver itself (its few [Q, p] vectors) stays on the driver. Both kinds of actors run in a
+`WorkerPool`, which reruns a shard whose actor died on a new actor.
 
 The cluster is the one at RAY_ADDRESS (e.g. `ray start --head` then
 RAY_ADDRESS=127.0.0.1:6379); without it, a local Ray instance is started for the run and
@@ -23,7 +30,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_map
@@ -140,6 +147,12 @@ class RayCluster:
         if self.started:
             self.ray.shutdown()
 
+    def workers(self, device: str) -> int:
+        """Actors to run: one per GPU with `--device cuda`, else one per CPU."""
+        if device == "cuda" and not self.gpus:
+            raise EngineError("--device cuda was asked for but the Ray cluster has no GPUs")
+        return max(1, self.gpus if device == "cuda" else self.cpus)
+
 
 def _probe(address: str | None, timeout: float = 5.0) -> None:
     """Fail fast on a RAY_ADDRESS (host:port) where nothing listens (ray.init would retry for
@@ -174,6 +187,168 @@ def _ship_task_code(loss_fn) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
+class WorkerPool:
+    """Ray actors of one class, each built once from one payload (put once in the object
+    store). `map` runs one call per shard on the free actors; a shard whose actor died runs
+    again on a new actor (up to MAX_RETRIES times), and each shard's result is taken once."""
+
+    def __init__(self, cluster: RayCluster, cls: type, payload: dict, workers: int, **options):
+        self.ray, self.log = cluster.ray, cluster.log
+        self.actor = self.ray.remote(cls).options(**options)
+        self.payload = self.ray.put(payload)
+        self.actors = [self.actor.remote(self.payload) for _ in range(workers)]
+
+    def map(self, parts: list[range], call: Callable) -> Iterator[tuple[range, object]]:
+        """(shard, result) for every shard of `parts` as it finishes; call(actor, shard) submits
+        the shard's work and returns its object ref."""
+        ray = self.ray
+        queue, idle = list(parts), list(self.actors)
+        pending: dict = {}
+        retries: dict[int, int] = {}
+
+        def submit(actor) -> None:
+            shard = queue.pop(0)
+            pending[call(actor, shard)] = (actor, shard)
+
+        while queue and idle:
+            submit(idle.pop())
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor, shard = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayActorError:  # the actor died: a new one runs the shard
+                retries[shard.start] = retries.get(shard.start, 0) + 1
+                if retries[shard.start] > MAX_RETRIES:
+                    raise EngineError(
+                        f"the Ray workers died {MAX_RETRIES + 1} times on pretraining examples "
+                        f"{shard.start}..{shard.stop - 1}"
+                    ) from None
+                self.log(f"[msif] a Ray worker died; retrying examples {shard.start}..")
+                self.actors.remove(actor)
+                actor = self.actor.remote(self.payload)
+                self.actors.append(actor)
+                queue.insert(0, shard)
+                submit(actor)
+                continue
+            if queue:
+                submit(actor)
+            yield shard, result
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+
+
+class CurvatureWorker:
+    """A Ray actor holding the pretraining objective (precompute.objective.Objective, rebuilt
+    from the payload): curvature products and EK-FAC statistics summed over one shard."""
+
+    def __init__(self, payload: dict):
+        from precompute.objective import Objective
+
+        torch.set_num_threads(max(1, int(payload["threads"])))
+        device = torch.device(payload["device"])
+        model = payload["model"].to(device).eval()
+        self.objective = Objective(
+            model, payload["loss_fn"], payload["dataset"], payload["space"], payload["reg"],
+            payload["batch_size"], curvature=payload["curvature"], split=payload["split"],
+        )  # fmt: skip
+        self.fitters: dict = {}
+
+    def curvature_sum(self, vectors: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """sum over examples start..stop-1 of the curvature times each row of vectors."""
+        device = self.objective.device
+        return self.objective.curvature_sum(vectors.to(device), range(start, stop)).cpu()
+
+    def ekfac(self, fisher: str, step: str, state, start: int, stop: int) -> list:
+        """EKFAC.partial of examples start..stop-1 (one EK-FAC fitter per Fisher kind)."""
+        from precompute.ekfac import EKFAC
+
+        if fisher not in self.fitters:
+            self.fitters[fisher] = EKFAC(self.objective, fisher=fisher)
+        device = self.objective.device
+        state = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, state)
+        out = self.fitters[fisher].partial(step, state, range(start, stop))
+        return tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, out)
+
+
+class RayCurvature:
+    """The pretraining objective's data sums on the cluster: entered, it attaches itself as
+    `objective.sharded`, so `Objective.data_curvature` and `EKFAC.fit` take their sums over the
+    examples from the workers (one shard per worker per pass); left, it detaches and stops its
+    actors."""
+
+    def __init__(self, cluster: RayCluster, objective, device: str):
+        self.cluster, self.objective, self.device = cluster, objective, device
+        self.workers = cluster.workers(device)
+        n = objective.n
+        self.parts = shards(n, -(-n // self.workers))
+        self.pool: WorkerPool | None = None
+
+    def __enter__(self) -> RayCurvature:
+        o = self.objective
+        _ship_task_code(getattr(o.loss_fn, "__func__", o.loss_fn))
+        payload = {
+            "model": _cpu_copy(o.model), "loss_fn": o.loss_fn, "dataset": o.dataset,
+            "space": o.space, "reg": o.reg.cpu(), "batch_size": o.batch_size,
+            "curvature": o.curvature, "split": o.split, "device": self.device, "threads": 1,
+        }  # fmt: skip
+        options = {"num_gpus": 1, "num_cpus": 1} if self.device == "cuda" else {"num_cpus": 1}
+        self.pool = WorkerPool(self.cluster, CurvatureWorker, payload, self.workers, **options)
+        o.sharded = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.objective.sharded = None
+        if self.pool is not None:
+            self.pool.close()
+
+    def describe(self) -> dict:
+        return {"engine": "ray", "workers": self.workers, "worker_device": self.device}
+
+    def curvature_sum(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The sum over every example of the curvature times each row of vectors."""
+        ref = self.cluster.ray.put(vectors.detach().cpu())
+        results = self.pool.map(
+            self.parts, lambda actor, s: actor.curvature_sum.remote(ref, s.start, s.stop)
+        )
+        return _sum(r for _, r in results).to(vectors)
+
+    def ekfac_sum(self, fisher: str, step: str, state) -> list:
+        """EKFAC.partial summed over every example (on the driver's device)."""
+        ref = self.cluster.ray.put(tree_map(_cpu, state))
+        results = self.pool.map(
+            self.parts,
+            lambda actor, s: actor.ekfac.remote(fisher, step, ref, s.start, s.stop),
+        )
+        device = self.objective.device
+        return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
+                        _sum(r for _, r in results))  # fmt: skip
+
+
+def _sum(parts):
+    """The element-wise sum of equally structured results (tensors, None, lists, tuples)."""
+    total = None
+    for part in parts:
+        total = part if total is None else _add(total, part)
+    return total
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, list | tuple):
+        return type(a)(_add(x, y) for x, y in zip(a, b, strict=True))
+    return a + b
+
+
+def _cpu(x):
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+
 def ray_pass(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -195,22 +370,15 @@ def ray_pass(
     device = s.device.type
     local = PretrainingPass(model, loss_fn, space, s, m)  # for its choices only
     batch_size = batch_size or local.auto_batch_size()
-    workers = max(1, cluster.gpus if device == "cuda" else cluster.cpus)
-    if device == "cuda" and not cluster.gpus:
-        raise EngineError("--device cuda was asked for but the Ray cluster has no GPUs")
+    workers = cluster.workers(device)
     _ship_task_code(getattr(loss_fn, "__func__", loss_fn))
     workers_read = bool(getattr(dataset, "read_on_workers", False))
-    payload = ray.put(
-        {
-            "model": _cpu_copy(model), "loss_fn": loss_fn, "space": space, "s": s.cpu(), "m": m,
-            "device": device, "top_k": top_k, "full": sink is not None, "threads": 1,
-            "dataset": dataset if workers_read else None, "batch_size": batch_size,
-        }
-    )  # fmt: skip
-    actor = ray.remote(ShardWorker).options(
-        **({"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1})
-    )
-    pool = [actor.remote(payload) for _ in range(workers)]
+    payload = {
+        "model": _cpu_copy(model), "loss_fn": loss_fn, "space": space, "s": s.cpu(), "m": m,
+        "device": device, "top_k": top_k, "full": sink is not None, "threads": 1,
+        "dataset": dataset if workers_read else None, "batch_size": batch_size,
+    }  # fmt: skip
+    options = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1}
     top, path = TopK(top_k), None
     todo = []
     parts = shards(m, shard_size(batch_size))
@@ -220,42 +388,18 @@ def ray_pass(
             top.merge(done[shard.start])
         else:
             todo.append(shard)
-    pending: dict = {}
-    queue = list(todo)
-    idle = list(pool)
 
-    retries: dict[int, int] = {}
-
-    def submit(worker) -> None:
-        shard = queue.pop(0)
+    def run(actor, shard):
         shipped = None
         if not workers_read:
             stream = batches(dataset, batch_size, torch.device("cpu"), within=shard)
             shipped = ray.put([tree_map(_own, batch) for batch in stream])
-        pending[worker.run.remote(shard.start, shard.stop, shipped)] = (worker, shard)
+        return actor.run.remote(shard.start, shard.stop, shipped)
 
+    pool = WorkerPool(cluster, ShardWorker, payload, workers, **options)
     try:
-        while queue and idle:
-            submit(idle.pop())
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            worker, shard = pending.pop(ready[0])
-            try:
-                start, state, scores, path = ray.get(ready[0])
-            except ray.exceptions.RayActorError:  # the worker died: a new one runs the shard
-                retries[shard.start] = retries.get(shard.start, 0) + 1
-                if retries[shard.start] > MAX_RETRIES:
-                    raise EngineError(
-                        f"the Ray workers died {MAX_RETRIES + 1} times on pretraining examples "
-                        f"{shard.start}..{shard.stop - 1}"
-                    ) from None
-                cluster.log(f"[msif] a Ray worker died; retrying examples {shard.start}..")
-                pool.remove(worker)
-                worker = actor.remote(payload)
-                pool.append(worker)
-                queue.insert(0, shard)
-                submit(worker)
-                continue
+        for shard, (start, state, scores, layout) in pool.map(todo, run):
+            path = layout  # how the workers scored: the same for every shard
             part = TopK.from_state(top_k, state)
             if sink is not None:
                 sink(start, torch.from_numpy(scores.copy()))  # the store's copy is read-only
@@ -264,11 +408,8 @@ def ray_pass(
             top.merge(part)
             if progress is not None:
                 progress(len(shard))
-            if queue:
-                submit(worker)
     finally:
-        for worker in pool:
-            ray.kill(worker)
+        pool.close()
     if path is None:  # every shard came from the store
         c = local.contraction
         path = (c.use_layers, c.layer_params, list(c.vmap_space.names))

@@ -56,7 +56,9 @@ class MultiStageTask(abc.ABC):
 
     Required: the 11 abstract methods (`REQUIRED_METHODS`). Optional (`OPTIONAL_HOOKS`, ask
     `has_hook(task, name)` whether a task provides one): `fit_pretrained` and `fit_finetuned`
-    (validation by retraining), `finetune_class_names` and `describe_many`.
+    (validation by retraining), `finetune_class_names`, `describe_many`, and the Gauss-Newton
+    split of each loss (`pretrain_outputs` with `pretrain_loss_from_outputs`, `finetune_outputs`
+    with `finetune_loss_from_outputs`; `--curvature ggn`, precompute.gauss_newton).
     """
 
     name: str = "task"
@@ -144,6 +146,30 @@ class MultiStageTask(abc.ABC):
         version (one read of its source for many examples). The default loops over describe."""
         return [self.describe(split, int(i)) for i in indices]
 
+    # the Gauss-Newton split g = h(f) of each stage's loss (--curvature ggn): the network outputs
+    # f and a loss h convex in them, with {stage}_loss(model, batch) ==
+    # {stage}_loss_from_outputs({stage}_outputs(model, batch), batch). Without them msif
+    # recognises cross-entropy or squared error of the logits / model(batch[0]) (gauss_newton).
+    @_default_hook
+    def pretrain_outputs(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """f(z; W, U), [B, ...]: what the pretraining loss sees (e.g. the LM logits)."""
+        raise TaskError(f"task {self.name!r} has no pretrain_outputs() hook")
+
+    @_default_hook
+    def pretrain_loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """g as h(outputs, batch), [B], convex in the outputs."""
+        raise TaskError(f"task {self.name!r} has no pretrain_loss_from_outputs() hook")
+
+    @_default_hook
+    def finetune_outputs(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """f(x; W, T), [B, ...]: what the finetuning loss sees (usually finetune_logits)."""
+        raise TaskError(f"task {self.name!r} has no finetune_outputs() hook")
+
+    @_default_hook
+    def finetune_loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """f's loss as h(outputs, batch), [B], convex in the outputs."""
+        raise TaskError(f"task {self.name!r} has no finetune_loss_from_outputs() hook")
+
 
 REQUIRED_METHODS = (
     "pretrain_data",
@@ -158,7 +184,16 @@ REQUIRED_METHODS = (
     "represent",
     "describe",
 )
-OPTIONAL_HOOKS = ("fit_pretrained", "fit_finetuned", "finetune_class_names", "describe_many")
+OPTIONAL_HOOKS = (
+    "fit_pretrained",
+    "fit_finetuned",
+    "finetune_class_names",
+    "describe_many",
+    "pretrain_outputs",
+    "pretrain_loss_from_outputs",
+    "finetune_outputs",
+    "finetune_loss_from_outputs",
+)
 
 
 def has_hook(task: MultiStageTask, name: str) -> bool:

@@ -155,6 +155,18 @@ def test_hooks_give_the_split_and_are_checked_against_the_loss():
         loss_split(WrongHooksTask(), "pretrain", model, batch)
 
 
+class HalfHookedTask(TinyTask):
+    def pretrain_outputs(self, model, batch):
+        return model(batch[0])
+
+
+def test_one_hook_without_its_pair_is_named():
+    task = HalfHookedTask()
+    model, batch = task.pretrained_model(), task.pretrain_data()[:8]
+    with pytest.raises(TaskError, match=r"provides pretrain_outputs\(\) but not pretrain_loss_"):
+        loss_split(task, "pretrain", model, batch)
+
+
 def test_a_task_without_a_split_gets_one_sentence_naming_the_hooks(tmp_path, capsys):
     code = main(
         [
@@ -208,6 +220,7 @@ def run(tmp_path, name, *extra):
     return manifest, scores["score"].to_numpy()
 
 
+@pytest.mark.slow
 def test_pcg_on_the_gauss_newton_matrix_solves_what_cg_on_it_solves(tmp_path):
     """The true Hessian of this model is indefinite (cg and pcg meet negative curvature without
     damping, test_solve_health); its GGN is not, and both solvers agree on it."""
@@ -221,3 +234,29 @@ def test_pcg_on_the_gauss_newton_matrix_solves_what_cg_on_it_solves(tmp_path):
         assert info["negative_curvature_rows"] == 0
     np.testing.assert_allclose(pcg_scores, cg_scores, rtol=1e-4, atol=1e-6 * abs(cg_scores).max())
     assert np.corrcoef(pcg_scores, cg_scores)[0, 1] > 0.999999
+
+
+def test_sampled_output_weights_have_the_loss_hessian_as_second_moment():
+    """ggn_samples: w = L e with L L^T = d2h/df2, so E[w w^T] is the loss Hessian and an EK-FAC
+    of the gradients J^T w approximates the GGN (the true Fisher for cross-entropy)."""
+    from precompute.ekfac import ggn_samples
+
+    model, data = model_and_data(n=4)
+    batch = [t.repeat(20000, *[1] * (t.dim() - 1)) for t in data.tensors]  # each example 20000x
+    w = ggn_samples(CE, model, batch, torch.Generator().manual_seed(0)).reshape(20000, 4, 3)
+    second = torch.einsum("sbi,sbj->bij", w, w) / 20000
+    p = model(data.tensors[0]).softmax(-1).detach()
+    hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(second, hessian, rtol=0, atol=0.02 * hessian.abs().max().item())
+
+
+def test_pcg_on_the_ggn_fits_its_preconditioner_to_the_ggn():
+    from precompute.curvature import SolveConfig, solve
+
+    model, data = model_and_data()
+    objective = objective_for(model, data, reg=0.01)
+    rhs = torch.randn(3, objective.size, dtype=torch.float64)
+    x, info = solve(objective, rhs, SolveConfig("pcg", 0.0, cg_tol=1e-10))
+    assert info["preconditioner"] == "ekfac (GGN)"
+    dense = explicit_hessian(objective.hvp, objective.size, rhs)
+    torch.testing.assert_close(x, torch.linalg.solve(dense, rhs.T).T, rtol=1e-7, atol=1e-10)

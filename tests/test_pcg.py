@@ -139,7 +139,7 @@ def test_pcg_takes_fewer_passes_than_cg(task):
     x_pcg, pcg = pretrain_solve(task, "pcg")
     torch.testing.assert_close(x_pcg, x_cg, rtol=1e-7, atol=1e-9)
     assert pcg["iterations"] < cg["iterations"]
-    assert pcg["preconditioner"] == "ekfac" and pcg["curvature"] == "hessian"
+    assert pcg["preconditioner"] == "ekfac (empirical Fisher)" and pcg["curvature"] == "hessian"
 
 
 # ---- the table ------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def once(function, error=KeyboardInterrupt, when=lambda *a, **k: True):
 CRASHES = {
     "describe_test": ("describe_to", lambda task, split, *a: split == "test"),
     "test_vectors_updated": ("scenario_vectors", lambda task, scenario, *a: scenario == "updated"),
-    "pretrain_solve": ("pretrain_vectors", lambda *a: True),
+    "pretrain_solve": ("pretrain_vectors", lambda *a, **k: True),
     "write": ("with_map", lambda writer, name, *a: name == "test"),
 }
 

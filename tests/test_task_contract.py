@@ -81,6 +81,10 @@ def test_optional_hooks_are_declared_with_signatures_and_docstrings():
         "fit_pretrained": ["self", "keep"],
         "fit_finetuned": ["self", "pretrained_model", "scenario"],
         "describe_many": ["self", "split", "indices"],
+        "pretrain_outputs": ["self", "model", "batch"],
+        "pretrain_loss_from_outputs": ["self", "outputs", "batch"],
+        "finetune_outputs": ["self", "model", "batch"],
+        "finetune_loss_from_outputs": ["self", "outputs", "batch"],
     }
     for name, params in expected.items():
         method = inspect.getattr_static(MultiStageTask, name)
@@ -129,7 +133,7 @@ def test_complete_task_loads_from_a_module_spec():
 # ------------------------------------------------------------------------------ optional hooks
 def test_hooks_absent_on_a_task_without_them():
     task = Complete()
-    assert [has_hook(task, name) for name in OPTIONAL_HOOKS] == [False] * 4
+    assert [has_hook(task, name) for name in OPTIONAL_HOOKS] == [False] * len(OPTIONAL_HOOKS)
     keep = torch.ones(3, dtype=torch.bool)
     with pytest.raises(TaskError, match=r"^task 'complete' has no fit_pretrained\(\) hook"):
         task.fit_pretrained(keep)
