@@ -1,5 +1,7 @@
 """Benchmark: the pretraining pass on the local engine against `--engine ray` on this machine,
-and a scaling estimate to N workers from what one run measures.
+and a scaling estimate to N workers from what one run measures; with `--solve`, also the
+pretraining solve's passes (the EK-FAC fit's statistics passes, and one Hessian-vector product
+with the Q rows, the cost of a cg/pcg iteration) on both engines.
 
 The same model, data and test-side vectors as benchmarks/pretraining_pass.py (the 51.6k-parameter
 MLP, Q = 32), full scores returned to the driver as in a run. The Ray cluster is a local instance
@@ -25,8 +27,9 @@ import time
 import torch
 from pretraining_pass import loss_fn, model_and_data
 
-from precompute.objective import batches
-from precompute.ray_engine import RayCluster, ray_pass
+from precompute.ekfac import EKFAC
+from precompute.objective import Objective, batches
+from precompute.ray_engine import RayCluster, RayCurvature, ray_pass
 from precompute.scoring import score_pretraining
 
 SHARD = 16 * 1024
@@ -47,6 +50,35 @@ def ray_run(model, data, space, s, batch_size, cluster):
                          lambda first, sc: got.append(sc.shape[1]), None,
                          lambda b: SHARD, None, cluster)  # fmt: skip
     return time.perf_counter() - start, engine
+
+
+def solve_passes(model, data, space, s, batch_size, cluster) -> dict[str, float]:
+    """Seconds of the EK-FAC fit and of one curvature product with the rows of s, on the local
+    engine and on Ray (RayCurvature: one shard per worker per pass), and the largest relative
+    difference between the two engines' results."""
+    reg = torch.full((space.size,), 1e-3, dtype=torch.float32)
+    objective = Objective(model, loss_fn, data, space, reg, batch_size)
+    out = {}
+    for engine in ("local", "ray"):
+        context = RayCurvature(cluster, objective, "cpu") if engine == "ray" else None
+        if context is not None:
+            context.__enter__()
+        try:
+            start = time.perf_counter()
+            fitted = EKFAC(objective).fit()
+            out[f"{engine} ekfac fit"] = time.perf_counter() - start
+            start = time.perf_counter()
+            product = objective.hvp(s)
+            out[f"{engine} hvp"] = time.perf_counter() - start
+        finally:
+            if context is not None:
+                context.__exit__(None, None, None)
+        out[f"{engine} result"] = (fitted.solve(s, 1e-3), product)
+    (a, b), (c, d) = out.pop("local result"), out.pop("ray result")
+    out["max relative difference"] = max(
+        float((a - c).abs().max() / a.abs().max()), float((b - d).abs().max() / b.abs().max())
+    )
+    return out
 
 
 def driver_rate(data, batch_size, q) -> tuple[float, float]:
@@ -70,6 +102,7 @@ def main() -> None:
     parser.add_argument("--m", default="100000,1000000")
     parser.add_argument("--q", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--solve", action="store_true", help="also the solve's passes")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     with RayCluster(log=print) as cluster:
@@ -78,17 +111,18 @@ def main() -> None:
             torch.set_num_threads(threads)
             local = local_pass(model, data, space, s, args.batch_size)
             seconds, engine = ray_run(model, data, space, s, args.batch_size, cluster)
-            tiny, _ = ray_run(model, torch.utils.data.Subset(data, range(2 * SHARD)), space, s,
+            small = min(2 * SHARD, m // 2)  # a short run: the setup time
+            tiny, _ = ray_run(model, torch.utils.data.Subset(data, range(small)), space, s,
                               args.batch_size, cluster)  # fmt: skip
             d, bytes_in = driver_rate(data, args.batch_size, args.q)
             workers = engine["workers"]
-            per_worker = (m - 2 * SHARD) / max(seconds - tiny, 1e-9) / workers
+            per_worker = (m - small) / max(seconds - tiny, 1e-9) / workers
             print(f"m={m:,} Q={args.q} p={space.size:,}  (this machine: {os.cpu_count()} CPUs)")
             print(f"  local engine   : {local:8.2f} s  {m / local:12,.0f} examples/s "
                   f"({threads} torch threads)")  # fmt: skip
             print(f"  ray engine     : {seconds:8.2f} s  {m / seconds:12,.0f} examples/s "
                   f"({workers} workers)   ray / local = {seconds / local:.2f}")  # fmt: skip
-            setup = max(0.0, tiny - 2 * SHARD / (workers * per_worker))
+            setup = max(0.0, tiny - small / (workers * per_worker))
             print(f"  measured: r = {per_worker:,.0f} examples/s per worker, driver d = "
                   f"{d:,.0f} examples/s, {bytes_in:.0f} B in and {4 * args.q} B out per "
                   f"example, setup ~{setup:.1f} s")  # fmt: skip
@@ -96,6 +130,16 @@ def main() -> None:
                 estimate = m / min(n * per_worker, d)
                 bound = "driver-bound" if n * per_worker > d else "worker-bound"
                 print(f"  estimate N={n:<3} workers: {estimate:8.2f} s + setup ({bound})")
+            if args.solve:
+                t = solve_passes(model, data, space, s, args.batch_size, cluster)
+                print(f"  EK-FAC fit     : local {t['local ekfac fit']:8.2f} s, ray "
+                      f"{t['ray ekfac fit']:8.2f} s   ray / local = "
+                      f"{t['ray ekfac fit'] / t['local ekfac fit']:.2f}")  # fmt: skip
+                print(f"  one HVP (Q={args.q}): local {t['local hvp']:8.2f} s, ray "
+                      f"{t['ray hvp']:8.2f} s   ray / local = "
+                      f"{t['ray hvp'] / t['local hvp']:.2f}   (the ray fit includes starting "
+                      f"the actors; results differ by at most "
+                      f"{t['max relative difference']:.1e} relative)")  # fmt: skip
 
 
 if __name__ == "__main__":

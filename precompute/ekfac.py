@@ -144,20 +144,18 @@ class EKFAC:
         index = {id(b.module): i for i, b in enumerate(self.blocks)}
         for batch in stream:
             _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
-            rotated_sums: dict[int, torch.Tensor] = {}
+            by_block: dict[int, list] = {}
             for module, a, g in calls:
                 i = index[id(module)]
-                block = self.blocks[i]
                 if step == "factors":
-                    a_cov, s_cov = self._covariances(block, a, g)
+                    a_cov, s_cov = self._covariances(self.blocks[i], a, g)
                     sums[i] = (a_cov, s_cov) if sums[i] is None else (
                         None if a_cov is None else sums[i][0] + a_cov, sums[i][1] + s_cov
                     )  # fmt: skip
-                elif block.q_s is not None:  # a layer's calls add up before the square
-                    rotated = self._rotated_gradients(block, a, g)
-                    rotated_sums[i] = rotated + rotated_sums.get(i, 0)
-            for i, rotated in rotated_sums.items():
-                square = (rotated**2).sum(0)
+                elif self.blocks[i].q_s is not None:
+                    by_block.setdefault(i, []).append((a, g))
+            for i, block_calls in by_block.items():
+                square = self._squared_rotated(self.blocks[i], block_calls)
                 sums[i] = square if sums[i] is None else sums[i] + square
         if step == "factors":
             return [(None, None) if x is None else x for x in sums]
@@ -205,6 +203,22 @@ class EKFAC:
             torch.einsum("bgni,bgnj->gij", a, a),
             torch.einsum("bgno,bgnp->gop", g, g),
         )
+
+    def _squared_rotated(self, block: _Block, calls: list) -> torch.Tensor:
+        """sum_i (Q_S^T G_i Q_A)^2 over a batch, G_i summed over the layer's calls. A dense
+        layer called once at one position per example (an MLP's Linear) has the rank-one
+        G_i = g_i a_i^T, so (Q_S^T g_i)^2 (a_i^T Q_A)^2 summed over i is one matrix product of
+        the squared rotated vectors, without forming a [B, out, in] tensor."""
+        if len(calls) == 1 and isinstance(block.rule, DenseRule):
+            a, g = calls[0]
+            a = self._inputs(block, a)  # [B, groups, N, in]
+            g = block.rule.outputs(g)  # [B, groups, N, out]
+            if a.shape[2] == 1:
+                aq = (a @ block.q_a)[:, :, 0] ** 2  # [B, groups, in]
+                gq = (g @ block.q_s)[:, :, 0] ** 2  # [B, groups, out]
+                return torch.einsum("bgo,bgi->goi", gq, aq)
+        rotated = sum(self._rotated_gradients(block, a, g) for a, g in calls)
+        return (rotated**2).sum(0)
 
     def _rotated_gradients(self, block: _Block, a, g) -> torch.Tensor:
         """Q_S^T G_i Q_A for every example i: [B, groups, out, in(+1)], or [B, V, d]."""

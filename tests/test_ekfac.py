@@ -99,3 +99,35 @@ def test_ekfac_scores_rank_like_exact_on_the_tiny_task(scenario, floor):
     exact = engine_scores(task, scenario, "exact").reshape(-1).numpy()
     ekfac = engine_scores(task, scenario, "ekfac").reshape(-1).numpy()
     assert stats.spearmanr(exact, ekfac)[0] > floor
+
+
+def test_one_position_layers_square_without_per_example_gradients():
+    """The eigenvalue pass's shortcut for a layer called once at one position per example
+    (sum_i (Q_S^T g_i)^2 (a_i^T Q_A)^2 as one product) equals squaring the per-example rotated
+    gradients, for a Linear and a grouped convolution whose output has one position."""
+    from torch import nn
+
+    from precompute.layers import layer_calls
+    from precompute.objective import ParamSpace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(4, 6, kernel_size=5, groups=2), nn.Flatten(), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    x, y = torch.randn(20, 4, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def loss(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    space = ParamSpace.of(model, [n for n, _ in model.named_parameters()])
+    reg = torch.full((space.size,), 0.1, dtype=torch.float64)
+    curvature = EKFAC(Objective(model, loss, data, space, reg, batch_size=20)).fit()
+    _, calls = layer_calls(model, loss, (x, y), curvature.modules)
+    assert len(calls) == 2
+    for module, a, g in calls:
+        block = next(b for b in curvature.blocks if b.module is module)
+        slow = (curvature._rotated_gradients(block, a, g) ** 2).sum(0)
+        fast = curvature._squared_rotated(block, [(a, g)])
+        torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-14)
+    assert curvature.blocks[0].q_a.shape[0] == 2  # the conv's two groups
