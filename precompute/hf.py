@@ -392,7 +392,9 @@ class HFTask(MultiStageTask):
     def pretrain_loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         """g as a function of `pretrain_outputs`, [B]: the mean cross-entropy of the logits at
         the positions with a label (convex in the logits)."""
-        kind = self._kind
+        kind = self._kind or (None if self.pretrain_kind == "auto" else self.pretrain_kind)
+        if kind is None:  # "auto" is read from the model's class, seen by pretrain_outputs
+            raise RuntimeError("pretrain_loss_from_outputs needs pretrain_outputs called first")
         labels = batch.get("labels")
         labels = None if labels is None else labels.to(outputs.device)
         if kind == "masked_lm":

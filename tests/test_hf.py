@@ -107,6 +107,26 @@ def test_per_example_pretraining_loss_is_transformers_loss_of_each_example(famil
         torch.testing.assert_close(mine[i], theirs.to(mine.dtype), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_the_gauss_newton_split_is_the_logits_and_their_cross_entropy(family):
+    """pretrain_loss above is pretrain_loss_from_outputs(pretrain_outputs(...)); the split is
+    taken from these hooks for both stages (loss_split checks it against the losses), and with
+    `mlm_head` the masked LM's outputs are the head at the masked positions only."""
+    from precompute.gauss_newton import loss_split
+
+    task, pre, fine = untrained(FAMILIES[family])
+    batch = first(task.pretrain_data())
+    assert loss_split(task, "pretrain", pre, batch).source == "hooks"
+    assert loss_split(task, "finetune", fine, first(task.finetune_train_data())).source == "hooks"
+    length, vocab = batch["input_ids"].shape[1], pre.config.vocab_size
+    positions = length if family == "bert" else length - 1  # causal: each predicts the next
+    assert task.pretrain_outputs(pre, batch).shape == (8, positions, vocab)
+    if family == "bert":  # with the head named, only at the (one) masked position
+        task.mlm_head = "cls"
+        assert task.pretrain_outputs(pre, batch).shape == (8, 1, vocab)
+        assert loss_split(task, "pretrain", pre, batch).source == "hooks"
+
+
 def test_masked_lm_head_at_the_masked_positions_gives_the_full_loss():
     task, pre, _ = untrained(TinyBertTask)
     batch = first(task.pretrain_data())
