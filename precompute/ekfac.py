@@ -26,7 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from precompute.layers import DenseRule, EmbeddingRule, dense_weight_grads, layer_calls, rules
-from precompute.objective import Objective, ParamSpace, batch_grads, batches, functional_loss
+from precompute.objective import (
+    Objective,
+    ParamSpace,
+    batch_grads,
+    batches,
+    functional_loss,
+    ordered_sum,
+    sum_blocks,
+)
 
 FIT_BUDGET = 2**26  # entries of the largest per-example tensor of a fitting batch
 GGN_EXACT_OUTPUTS = 16  # up to this many outputs per example, the GGN fit takes every column
@@ -94,17 +102,20 @@ class EKFAC:
         return [b.module for b in self.blocks]
 
     # ---- fitting: two passes over the data ----------------------------------------------
-    # Each pass is a sum over the data of `partial(step, state, within)`, so it shards: `fit`
-    # takes the sums from the objective's sharded engine when it has one (precompute.ray_engine,
-    # each worker summing its shards) and from one stream over all the data otherwise.
+    # Each pass is a sum over the data of `partial(step, state, block)`, taken block by block
+    # (precompute.objective.sum_blocks) and added in order, so it shards: `fit` takes the
+    # blocks' sums from the objective's sharded engine when it has one (precompute.ray_engine,
+    # the same numbers added in the same order) and computes them here otherwise.
     def fit(self) -> EKFAC:
         n = len(self.objective.dataset)
-        sharded = getattr(self.objective, "sharded", None)
+        sharded = self.objective.sharded
+        blocks = sum_blocks(n, self.batch_size)
 
         def total(step: str, state=None):
             if sharded is not None:
-                return sharded.ekfac_sum(self.fisher, step, state)
-            return self.partial(step, state, progress=True)
+                return sharded.ekfac_sum(self.fisher, step, state, blocks, self.batch_size)
+            parts = tqdm(blocks, desc=f"EK-FAC {step}", unit="block", leave=False, disable=None)
+            return ordered_sum(self.partial(step, state, block) for block in parts)
 
         for block, (a_cov, s_cov) in zip(self.blocks, total("factors"), strict=True):
             if s_cov is None:  # the layer never touched the loss
@@ -122,14 +133,12 @@ class EKFAC:
         """(Q_A, Q_S) of every block, in order: the state the eigenvalue pass needs."""
         return [(b.q_a, b.q_s) for b in self.blocks]
 
-    def partial(self, step: str, state=None, within: range | None = None, progress=False):
-        """One pass's sum over the examples in `within` (default all), per block in order:
-        "factors", [(sum a a^T, sum g g^T)] (None where no example reaches the layer);
+    def partial(self, step: str, state=None, within: range | None = None):
+        """One pass's sum over the examples in `within` (default all), per layer block in
+        order: "factors", [(sum a a^T, sum g g^T)] (None where no example reaches the layer);
         "eigenvalues", given `bases()` as state, [sum (Q_S^T G_i Q_A)^2]; "diagonal", the
         summed squared gradients of the parameters outside the blocks."""
         stream = self._batches(within)
-        if progress:
-            stream = self._progress(stream, f"EK-FAC {step}")
         if step == "diagonal":
             loss = functional_loss(self.model, self.loss_fn, self.diagonal_space)
             theta = self.diagonal_space.read(self.model)
@@ -177,10 +186,6 @@ class EKFAC:
             else:
                 noise = torch.randn(roots.shape[:2], generator=self._generator).to(roots)
                 yield [batch, (roots @ noise[..., None]).squeeze(-1)]
-
-    def _progress(self, iterable, desc: str):
-        total = -(-len(self.objective.dataset) // self.batch_size)
-        return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False, disable=None)
 
     @staticmethod
     def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:

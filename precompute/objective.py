@@ -198,6 +198,36 @@ class LossSplit:
 
 CURVATURES = ("hessian", "ggn")
 PRODUCT_BUDGET = 2**27  # activation entries (vectors x examples x per-example activations)
+SUM_BLOCKS = 64  # a sum over the data is taken in at most this many blocks, added in order
+
+
+def sum_blocks(n: int, batch_size: int) -> list[range]:
+    """The blocks, whole batches of `batch_size` and at most SUM_BLOCKS of them, in which a sum
+    over n examples is taken: each block's sum, batch by batch, then the blocks' sums in order.
+    The partition depends only on n and the batch size, so a sum split over workers by blocks
+    (precompute.ray_engine) adds the same numbers in the same order as this process does."""
+    batches_in = -(-n // batch_size)
+    block = -(-batches_in // SUM_BLOCKS) * batch_size
+    return [range(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+def ordered_sum(parts):
+    """The element-wise sum of equally structured parts (tensors, None, lists, tuples of
+    them), added in the order given."""
+    total = None
+    for part in parts:
+        total = _add(total, part)
+    return total
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, list | tuple):
+        return type(a)(_add(x, y) for x, y in zip(a, b, strict=True))
+    return a + b
 
 
 def activation_size(model: torch.nn.Module, loss_fn: LossFn, batch: Any) -> int:
@@ -281,11 +311,14 @@ class Objective:
         return self.space.size
 
     @torch.no_grad()  # torch.func transforms inside still differentiate; nothing else records
-    def hessian_sum(self, vectors: torch.Tensor, within: range | None = None) -> torch.Tensor:
-        """sum_i d2 loss_i/dtheta2 @ v over the examples i in `within` (default all), for each
-        row v of vectors [Q, p] (double backward)."""
+    def hessian_sum(
+        self, vectors: torch.Tensor, within: range | None = None, size: int | None = None
+    ) -> torch.Tensor:
+        """sum_i d2 loss_i/dtheta2 @ v over the examples i in `within` (default all), in
+        batches of `size` (default product_batch), for each row v of vectors [Q, p] (double
+        backward)."""
         out = torch.zeros_like(vectors)
-        size = self.product_batch(len(vectors))
+        size = size or self.product_batch(len(vectors))
         for batch in batches(self.dataset, size, self.device, within=within):
 
             def grad_sum(theta, batch=batch):
@@ -299,13 +332,16 @@ class Objective:
         return out
 
     @torch.no_grad()
-    def ggn_sum(self, vectors: torch.Tensor, within: range | None = None) -> torch.Tensor:
-        """sum_i J_i^T H_i J_i @ v over the examples i in `within` (default all), for each row v
-        of vectors [Q, p]: J_i v by forward mode, H_i (J_i v) = d/de grad_f h(f + e J_i v) by
-        forward over reverse, then one reverse-mode product with J^T, vmapped over the rows."""
+    def ggn_sum(
+        self, vectors: torch.Tensor, within: range | None = None, size: int | None = None
+    ) -> torch.Tensor:
+        """sum_i J_i^T H_i J_i @ v over the examples i in `within` (default all), in batches of
+        `size` (default product_batch), for each row v of vectors [Q, p]: J_i v by forward mode,
+        H_i (J_i v) = d/de grad_f h(f + e J_i v) by forward over reverse, then one reverse-mode
+        product with J^T, vmapped over the rows."""
         split = self.split
         out = torch.zeros_like(vectors)
-        size = self.product_batch(len(vectors))
+        size = size or self.product_batch(len(vectors))
         for batch in batches(self.dataset, size, self.device, within=within):
 
             def network(theta, batch=batch):
@@ -329,24 +365,35 @@ class Objective:
 
     def data_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """(1/n) sum_i d2 loss_i/dtheta2 @ v for each row v of vectors [Q, p]."""
-        return self.hessian_sum(vectors) / self.n
+        return self._data_sum(self.hessian_sum, vectors)
 
     def data_ggn(self, vectors: torch.Tensor) -> torch.Tensor:
         """(1/n) sum_i J_i^T H_i J_i @ v for each row v of vectors [Q, p]."""
-        return self.ggn_sum(vectors) / self.n
+        return self._data_sum(self.ggn_sum, vectors)
 
-    def curvature_sum(self, vectors: torch.Tensor, within: range | None = None) -> torch.Tensor:
+    def curvature_sum(
+        self, vectors: torch.Tensor, within: range | None = None, size: int | None = None
+    ) -> torch.Tensor:
         """The chosen curvature's data sum (Hessian or GGN) over the examples in `within`."""
         if self.curvature == "ggn":
-            return self.ggn_sum(vectors, within)
-        return self.hessian_sum(vectors, within)
+            return self.ggn_sum(vectors, within, size)
+        return self.hessian_sum(vectors, within, size)
 
     def data_curvature(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The data term of the chosen curvature times each row of vectors: (1/n) times the sum
-        over all examples, taken from the sharded engine (`sharded`) when one is attached."""
+        """The data term of the chosen curvature times each row of vectors, the blocks' sums
+        taken by the sharded engine (`sharded`) when one is attached, else here."""
         if self.sharded is not None:
-            return self.sharded.curvature_sum(vectors) / self.n
-        return self.curvature_sum(vectors) / self.n
+            size = self.product_batch(len(vectors))
+            blocks = sum_blocks(self.n, size)
+            return self.sharded.curvature_sum(vectors, blocks, size) / self.n
+        return self._data_sum(self.curvature_sum, vectors)
+
+    def _data_sum(self, term, vectors: torch.Tensor) -> torch.Tensor:
+        """(1/n) sum over the data of term(vectors, block, size), block by block in order
+        (`sum_blocks`)."""
+        size = self.product_batch(len(vectors))
+        blocks = sum_blocks(self.n, size)
+        return ordered_sum(term(vectors, b, size) for b in blocks) / self.n
 
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """C @ v for each row v of vectors [Q, p], C = the chosen curvature of F: the data term's

@@ -36,7 +36,7 @@ import torch
 from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset
 
-from precompute.objective import LossFn, ParamSpace, batches
+from precompute.objective import LossFn, ParamSpace, batches, ordered_sum
 from precompute.scoring import (
     PassResult,
     PretrainingPass,
@@ -256,17 +256,23 @@ class CurvatureWorker:
         )  # fmt: skip
         self.fitters: dict = {}
 
-    def curvature_sum(self, vectors: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """sum over examples start..stop-1 of the curvature times each row of vectors."""
+    def curvature_sum(
+        self, vectors: torch.Tensor, start: int, stop: int, size: int
+    ) -> torch.Tensor:
+        """sum over examples start..stop-1, in batches of `size`, of the curvature times each
+        row of vectors."""
         device = self.objective.device
-        return self.objective.curvature_sum(vectors.to(device), range(start, stop)).cpu()
+        within = range(start, stop)
+        return self.objective.curvature_sum(vectors.to(device), within, size).cpu()
 
-    def ekfac(self, fisher: str, step: str, state, start: int, stop: int) -> list:
-        """EKFAC.partial of examples start..stop-1 (one EK-FAC fitter per Fisher kind)."""
+    def ekfac(self, fisher: str, step: str, state, start: int, stop: int, size: int) -> list:
+        """EKFAC.partial of examples start..stop-1 in batches of `size` (one EK-FAC fitter per
+        Fisher kind)."""
         from precompute.ekfac import EKFAC
 
         if fisher not in self.fitters:
             self.fitters[fisher] = EKFAC(self.objective, fisher=fisher)
+        self.fitters[fisher].batch_size = size
         device = self.objective.device
         state = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, state)
         out = self.fitters[fisher].partial(step, state, range(start, stop))
@@ -275,15 +281,14 @@ class CurvatureWorker:
 
 class RayCurvature:
     """The pretraining objective's data sums on the cluster: entered, it attaches itself as
-    `objective.sharded`, so `Objective.data_curvature` and `EKFAC.fit` take their sums over the
-    examples from the workers (one shard per worker per pass); left, it detaches and stops its
-    actors."""
+    `objective.sharded`, so `Objective.data_curvature` and `EKFAC.fit` take the sums of their
+    blocks of examples (precompute.objective.sum_blocks) from the workers and add them in the
+    order this process would (the same numbers, so the same s-vectors as the local engine);
+    left, it detaches and stops its actors."""
 
     def __init__(self, cluster: RayCluster, objective, device: str):
         self.cluster, self.objective, self.device = cluster, objective, device
         self.workers = cluster.workers(device)
-        n = objective.n
-        self.parts = shards(n, -(-n // self.workers))
         self.pool: WorkerPool | None = None
 
     def __enter__(self) -> RayCurvature:
@@ -307,42 +312,37 @@ class RayCurvature:
     def describe(self) -> dict:
         return {"engine": "ray", "workers": self.workers, "worker_device": self.device}
 
-    def curvature_sum(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The sum over every example of the curvature times each row of vectors."""
+    def curvature_sum(self, vectors: torch.Tensor, blocks: list[range], size: int) -> torch.Tensor:
+        """The sum over every example of the curvature times each row of vectors: each block's
+        sum (batches of `size`) on a worker, the blocks' sums added in order."""
         ref = self.cluster.ray.put(vectors.detach().cpu())
-        results = self.pool.map(
-            self.parts, lambda actor, s: actor.curvature_sum.remote(ref, s.start, s.stop)
+        total = self._in_order(
+            blocks, lambda actor, b: actor.curvature_sum.remote(ref, b.start, b.stop, size)
         )
-        return _sum(r for _, r in results).to(vectors)
+        return total.to(vectors)
 
-    def ekfac_sum(self, fisher: str, step: str, state) -> list:
-        """EKFAC.partial summed over every example (on the driver's device)."""
+    def ekfac_sum(self, fisher: str, step: str, state, blocks: list[range], size: int) -> list:
+        """EKFAC.partial of every block (batches of `size`) on the workers, added in order (on
+        the driver's device)."""
         ref = self.cluster.ray.put(tree_map(_cpu, state))
-        results = self.pool.map(
-            self.parts,
-            lambda actor, s: actor.ekfac.remote(fisher, step, ref, s.start, s.stop),
+        total = self._in_order(
+            blocks, lambda actor, b: actor.ekfac.remote(fisher, step, ref, b.start, b.stop, size)
         )
         device = self.objective.device
-        return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
-                        _sum(r for _, r in results))  # fmt: skip
+        return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, total)
 
-
-def _sum(parts):
-    """The element-wise sum of equally structured results (tensors, None, lists, tuples)."""
-    total = None
-    for part in parts:
-        total = part if total is None else _add(total, part)
-    return total
-
-
-def _add(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, list | tuple):
-        return type(a)(_add(x, y) for x, y in zip(a, b, strict=True))
-    return a + b
+    def _in_order(self, blocks: list[range], call: Callable):
+        """ordered_sum of the blocks' results, added in block order as they arrive (a block
+        finished early waits for the ones before it), so the driver holds few at a time."""
+        position = {b.start: i for i, b in enumerate(blocks)}
+        waiting: dict[int, object] = {}
+        total, following = None, 0
+        for block, result in self.pool.map(blocks, call):
+            waiting[position[block.start]] = result
+            while following in waiting:
+                total = ordered_sum([total, waiting.pop(following)])
+                following += 1
+        return total
 
 
 def _cpu(x):
