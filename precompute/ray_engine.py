@@ -283,8 +283,9 @@ class RayCurvature:
     """The pretraining objective's data sums on the cluster: entered, it attaches itself as
     `objective.sharded`, so `Objective.data_curvature` and `EKFAC.fit` take the sums of their
     blocks of examples (precompute.objective.sum_blocks) from the workers and add them in the
-    order this process would (the same numbers, so the same s-vectors as the local engine);
-    left, it detaches and stops its actors."""
+    order this process would (so the local engine's s-vectors, bit for bit where the workers'
+    kernels round as the driver's do; a float32 matrix product may round differently with
+    another thread count); left, it detaches and stops its actors."""
 
     def __init__(self, cluster: RayCluster, objective, device: str):
         self.cluster, self.objective, self.device = cluster, objective, device
