@@ -25,9 +25,10 @@ stopped after it.
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib.machinery
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -93,8 +94,22 @@ class ShardWorker:
         return os.getpid()
 
 
+def token_auth() -> None:
+    """Before Ray is first imported: a cluster at RAY_ADDRESS is reached with Ray's token
+    authentication when a token is at hand and RAY_AUTH_MODE is unset. `ray start --head`
+    (Ray >= 2.59) enables tokens and writes ~/.ray/auth_token, while clients default to
+    RAY_AUTH_MODE=disabled and are refused; a token-mode client also reaches a cluster without
+    authentication. Ray reads the mode when it is imported."""
+    if "ray" in sys.modules or not os.environ.get("RAY_ADDRESS") or "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def preflight() -> None:
     """Before any work: Ray is installed and RAY_ADDRESS, when set, answers (EngineError)."""
+    token_auth()
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -109,6 +124,7 @@ class RayCluster:
     (and stopped when the run ends; a cluster msif did not start is only disconnected)."""
 
     def __init__(self, log=print):
+        token_auth()
         try:
             import ray
         except ImportError:
@@ -177,11 +193,10 @@ def _ship_task_code(loss_fn) -> None:
     module = sys.modules.get(name)
     if module is None or name == "__main__":
         return
-    try:
-        importable = importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        importable = False
-    if not importable:
+    # importable by name from the path (not only present in this process's sys.modules, as a
+    # module loaded from a file under a name of msif's own is)
+    importable = importlib.machinery.PathFinder.find_spec(name.split(".")[0], sys.path)
+    if importable is None:
         from ray import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)
@@ -217,7 +232,9 @@ class WorkerPool:
             actor, shard = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
-            except ray.exceptions.RayActorError:  # the actor died: a new one runs the shard
+            except ray.exceptions.RayActorError as exc:  # died: a new actor runs the shard
+                if "creation task" in str(exc):  # it never started: no retry will start it
+                    raise EngineError(f"the Ray workers could not start: {_cause(exc)}") from None
                 retries[shard.start] = retries.get(shard.start, 0) + 1
                 if retries[shard.start] > MAX_RETRIES:
                     raise EngineError(
@@ -344,6 +361,13 @@ class RayCurvature:
                 total = ordered_sum([total, waiting.pop(following)])
                 following += 1
         return total
+
+
+def _cause(exc: Exception) -> str:
+    """The innermost 'SomeError: message' line of a Ray error's text, else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)]
+    return causes[-1] if causes else lines[0]
 
 
 def _cpu(x):
