@@ -38,34 +38,53 @@ from explorer.state import Selection
 
 # Reports the map's axis ranges after the reader zooms or pans (plotly_relayout), or that the
 # axes were reset (a double click); runs in the page, beside the map's plotly chart.
+# Every zoom mounts a new chart (its key holds the view), and the reader may double-click it
+# as soon as it is drawn: the listener must be on it by then, or the reset is lost (the map
+# autoranges over the zoomed raster and the URL keeps the zoom). So a MutationObserver hooks
+# each new chart in the same task that draws it, before any click can reach it; the timer is a
+# fallback. A hooked chart carries data-msif-zoom="hooked" (the browser tests wait for it).
 ZOOM_JS = r"""
 export default function(component) {
   const { setTriggerValue } = component;
-  let hooked = null;
-  const onRelayout = (event) => {
+  const listeners = new Map();  // plot -> its plotly_relayout listener
+  const listener = (plot) => (event) => {
     if (event['xaxis.autorange'] || event['yaxis.autorange']) {
       setTriggerValue('zoom', {whole: true});
-    } else if (hooked && Object.keys(event).some(k => /^[xy]axis\.range/.test(k))) {
-      const x = hooked.layout.xaxis.range, y = hooked.layout.yaxis.range;
+    } else if (Object.keys(event).some(k => /^[xy]axis\.range/.test(k))) {
+      const x = plot.layout.xaxis.range, y = plot.layout.yaxis.range;
       setTriggerValue('zoom', {x0: x[0], x1: x[1], y0: y[0], y1: y[1]});
     }
   };
-  // re-attached on every tick: plotly may rebuild the chart (and drop listeners) on updates
-  const timer = setInterval(() => {
-    const plot = [...document.querySelectorAll('.js-plotly-plot')]
-      .find(p => p.layout && (p.layout.images || []).length && p.on);
-    if (hooked && hooked !== plot && hooked.removeListener) {
-      hooked.removeListener('plotly_relayout', onRelayout);
+  const hook = () => {
+    for (const [plot, onRelayout] of listeners) {
+      if (!plot.isConnected) {
+        if (plot.removeListener) plot.removeListener('plotly_relayout', onRelayout);
+        listeners.delete(plot);
+      }
     }
-    hooked = plot || null;
-    if (plot) {
-      plot.removeListener('plotly_relayout', onRelayout);
-      plot.on('plotly_relayout', onRelayout);
+    for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+      if (!plot.on || !plot.layout || !(plot.layout.images || []).length) continue;
+      if (!listeners.has(plot)) listeners.set(plot, listener(plot));
+      // off, then on again: plotly drops the listeners when it redraws a chart from scratch
+      plot.removeListener('plotly_relayout', listeners.get(plot));
+      plot.on('plotly_relayout', listeners.get(plot));
+      if (plot.getAttribute('data-msif-zoom') !== 'hooked') {
+        plot.setAttribute('data-msif-zoom', 'hooked');
+      }
     }
-  }, 250);
+  };
+  const observer = new MutationObserver(hook);
+  observer.observe(document.body, {childList: true, subtree: true});
+  const timer = setInterval(hook, 250);
+  hook();
   return () => {
+    observer.disconnect();
     clearInterval(timer);
-    if (hooked && hooked.removeListener) hooked.removeListener('plotly_relayout', onRelayout);
+    for (const [plot, onRelayout] of listeners) {
+      if (plot.removeListener) plot.removeListener('plotly_relayout', onRelayout);
+      plot.removeAttribute('data-msif-zoom');
+    }
+    listeners.clear();
   };
 }
 """
