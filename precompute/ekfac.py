@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from precompute.layers import DenseRule, EmbeddingRule, dense_weight_grads, layer_calls, rules
+from precompute.layers import (
+    DenseRule,
+    EmbeddingRule,
+    broadcast_layers,
+    dense_weight_grads,
+    layer_calls,
+    rules,
+)
 from precompute.objective import (
     Objective,
     ParamSpace,
@@ -73,6 +80,9 @@ class EKFAC:
         by_id = {id(params[n]): n for n in space.names}
         uses: dict[int, int] = {}
         candidates = rules(module_of, set(by_id))
+        probe = next(iter(batches(objective.dataset, 2, objective.device)))
+        skip = broadcast_layers(module_of, objective.loss_fn, probe, list(candidates))
+        candidates = {m: r for m, r in candidates.items() if m not in skip}  # to the diagonal
         for m in candidates:
             uses[id(m.weight)] = uses.get(id(m.weight), 0) + 1
         self.blocks: list[_Block] = []

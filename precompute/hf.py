@@ -477,10 +477,26 @@ class HFTask(MultiStageTask):
         return {"label": label, "label_name": self.class_name(label), "text": text, "image": None}
 
     # ------------------------------------------------------------- the training objectives
-    def pretrain_objective(self, model: nn.Module, keep: torch.Tensor | None = None):
-        """G(W, U) = (1/m) sum_i keep_i g(z_i) + (lp/2) |theta|^2, theta = every trainable
+    def pretrain_objective(
+        self,
+        model: nn.Module,
+        keep: torch.Tensor | None = None,
+        centre: Mapping[str, torch.Tensor] | None = None,
+    ):
+        """G(W, U) = (1/m) sum_i keep_i g(z_i) + (lp/2) |theta - c|^2, theta = every trainable
         parameter of the pretrained model (a tied tensor once); m = all pretraining examples
-        even where `keep` drops some, so that dropping z is upweighting it by -1/m."""
+        even where `keep` drops some, so that dropping z is upweighting it by -1/m. The centre
+        c = `centre` ({name: value}), 0 when None: the Hessian is the same lp*I either way, so
+        the scores' mathematics holds for a centred regulariser too."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if centre is None:
+            reg = sq_norm([p for _, p in named])
+        else:
+            reg = sum(((p - centre[n].to(p)) ** 2).sum() for n, p in named)
+        return self.pretrain_data_term(model, keep) + 0.5 * self.pretrain_l2 * reg
+
+    def pretrain_data_term(self, model: nn.Module, keep: torch.Tensor | None = None):
+        """(1/m) sum_i keep_i g(z_i), m = all pretraining examples (G without its regulariser)."""
         data = self.pretrain_data()
         total = 0.0
         for start in range(0, len(data), self.objective_batch_size):
@@ -488,8 +504,7 @@ class HFTask(MultiStageTask):
             if keep is not None:
                 losses = losses * keep[start : start + len(losses)].to(losses)
             total = total + losses.sum()
-        params = [p for p in model.parameters() if p.requires_grad]
-        return total / len(data) + 0.5 * self.pretrain_l2 * sq_norm(params)
+        return total / len(data)
 
     def finetune_objective(
         self, model: nn.Module, scenario: str, anchor: Mapping[str, torch.Tensor]

@@ -182,6 +182,17 @@ def layer_calls(
     return loss.shape[0], found
 
 
+def broadcast_layers(
+    model: nn.Module, loss_fn: LossFn, batch: Any, modules: list[nn.Module]
+) -> set[nn.Module]:
+    """The modules called on an input that is not split by example (a leading dimension other
+    than the batch's: Hugging Face's position ids [1, N], broadcast over the batch after the
+    lookup). Their per-example weight gradients cannot be read from the call: such weights take
+    the per-example (vmap) path. `batch` should hold at least two examples."""
+    size, calls = layer_calls(model, loss_fn, batch, modules)
+    return {module for module, inp, _ in calls if inp.shape[0] != size}
+
+
 def dense_weight_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-example weight gradients sum_n g_bn a_bn^T: [B, groups, out, in] from
     a [B, groups, N, in] and g [B, groups, N, out]."""

@@ -28,7 +28,13 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import Dataset
 
-from precompute.layers import EmbeddingRule, dense_weight_grads, layer_calls, rules
+from precompute.layers import (
+    EmbeddingRule,
+    broadcast_layers,
+    dense_weight_grads,
+    layer_calls,
+    rules,
+)
 from precompute.objective import LossFn, ParamSpace, batch_grads, batches, functional_loss
 
 Sink = Callable[[int, torch.Tensor], None]  # (first pretraining index, scores [Q, B])
@@ -125,12 +131,20 @@ def _embedding(rule, idx, g, s_e, q, budget=2**25):
 class Contraction:
     """Scores s . grad g(z) of one batch for all Q rows of S (no 1/m), [Q, B]."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, space: ParamSpace, s: torch.Tensor):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        space: ParamSpace,
+        s: torch.Tensor,
+        skip: frozenset[nn.Module] = frozenset(),
+    ):
+        """`skip`: layers left to the per-example (vmap) path (see layers.broadcast_layers)."""
         self.model, self.loss_fn, self.space, self.q = model, loss_fn, space, len(s)
         blocks = space.unflatten(s)  # name -> [Q, *shape]
         params = dict(model.named_parameters())
         by_id = {id(params[n]): n for n in space.names}
-        self.rules = rules(model, set(by_id))
+        self.rules = {m: r for m, r in rules(model, set(by_id)).items() if m not in skip}
         self.modules = list(self.rules)
         # per layer: its blocks of S in the rule's layout (a weight tied between two layers is
         # read by both)
@@ -216,6 +230,14 @@ class PretrainingPass:
         contraction = self.contraction
         if not self.checked:
             self.checked = True
+            few = tree_map(lambda x: x[:4] if isinstance(x, torch.Tensor) else x, batch)
+            skip = broadcast_layers(
+                contraction.model, contraction.loss_fn, few, contraction.modules
+            )
+            if skip:  # e.g. position embeddings: their weights take the vmap path
+                c = contraction
+                contraction = Contraction(c.model, c.loss_fn, c.space, c.s, frozenset(skip))
+                self.contraction = contraction
             if not contraction.check(batch):
                 warnings.warn(
                     "layer-structured scores disagree with per-example gradients on this model "

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from precompute.hf import IGNORE, HFTask, copy_shared, shared_names
-from precompute.objective import second_order
-from precompute.tasks.training import grad_norm, newton_cg
+from precompute.tasks.training import grad_norm, lbfgs_newton
 
 PAD, CLS, MASK, FIRST_WORD = 0, 1, 2, 3
 WORDS, TOPICS, LENGTH = 30, 3, 8
@@ -28,7 +27,6 @@ VOCAB = FIRST_WORD + WORDS
 # LayerNorm makes the weights before it scale-invariant; with an L2 term the objective then has
 # no well-conditioned optimum unless eps is comparable to the variance it normalises
 LAYER_NORM_EPS = 0.1
-LBFGS_CHUNKS = 3  # of 200 iterations
 _TRAINED: dict[tuple, dict] = {}  # (task class, model) -> state dict, shared by sdpa and eager
 
 
@@ -54,35 +52,11 @@ def padded(ids: list[int]) -> tuple[list[int], list[int]]:
 
 
 def minimise(objective, params: list[torch.Tensor], tol: float = 1e-9) -> float:
-    """Full-batch L-BFGS in chunks until |grad| < 1e-5 (or it stalls), then Newton-CG under the
-    math attention backend; the gradient norm reached."""
-    opt = torch.optim.LBFGS(
-        params,
-        lr=1,
-        max_iter=200,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-16,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        value = objective()
-        value.backward()
-        return value
-
-    previous = float("inf")
-    for _ in range(LBFGS_CHUNKS):
-        value = float(opt.step(closure))
-        norm = grad_norm(objective, params)
-        if norm < 1e-5 or value >= previous:
-            break
-        previous = value
-    for p in params:
-        p.grad = None
-    with second_order():
-        return newton_cg(objective, params, tol, 8)["grad_norm"]
+    """training.lbfgs_newton: full-batch L-BFGS, Newton-CG from |grad| < 1e-3 (again after more
+    L-BFGS where it stops short); the gradient norm reached."""
+    return lbfgs_newton(
+        objective, params, tol, newton_from=1e-3, chunk=200, max_iter=1000, history=50
+    )["grad_norm"]
 
 
 class TinyHFTask(HFTask):

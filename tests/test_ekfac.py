@@ -39,6 +39,25 @@ def test_blocks_cover_linear_and_embedding_layers(fitted):
     assert curvature.diagonal_space.names == ("norm.weight", "norm.bias")
 
 
+def test_position_embedding_broadcast_over_the_batch_goes_to_the_diagonal():
+    """Position ids [1, N] looked up once per batch carry no per-example rows: no Kronecker
+    block (its statistics would mix examples), the diagonal of exact per-example squares."""
+    model, data, space, _ = setup(positions=True)
+    reg = torch.full((space.size,), 0.1, dtype=torch.float64)
+    curvature = EKFAC(Objective(model, loss_fn, data, space, reg, batch_size=8)).fit()
+    assert [b.weight for b in curvature.blocks] == ["emb.weight", "lin.weight", "out.weight"]
+    assert curvature.diagonal_space.names == ("pos.weight", "norm.weight", "norm.bias")
+    grads = torch.stack(
+        [
+            torch.autograd.grad(loss_fn(model, (t[None], y[None])).sum(), model.pos.weight)[0]
+            for t, y in (data[i] for i in range(len(data)))
+        ]
+    )
+    width = model.pos.weight.numel()
+    want = (grads.reshape(len(data), -1) ** 2).sum(0)
+    torch.testing.assert_close(curvature.diagonal[:width] * len(data), want)
+
+
 @pytest.mark.parametrize("layer", ["emb", "lin", "out"])
 def test_corrected_eigenvalues_are_gradient_second_moments(fitted, layer):
     model, data, _, curvature = fitted

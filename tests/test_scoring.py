@@ -15,16 +15,20 @@ from precompute.scoring import Contraction, ShardStore, TopK, naive_scores, scor
 class SeqNet(nn.Module):
     """Embedding, a Linear over positions, a LayerNorm (no layer rule) and a Linear head."""
 
-    def __init__(self, tied: bool = False):
+    def __init__(self, tied: bool = False, positions: bool = False):
         super().__init__()
         self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.pos = nn.Embedding(5, 6) if positions else None
         self.lin = nn.Linear(6, 6)
         self.norm = nn.LayerNorm(6)
         self.out = nn.Linear(6, 3)
         self.tied = tied
 
     def forward(self, tokens):
-        h = self.norm(torch.tanh(self.lin(self.emb(tokens)))).mean(1)
+        x = self.emb(tokens)
+        if self.pos is not None:  # looked up once, [1, N, d], broadcast over the batch (as HF)
+            x = x + self.pos(torch.arange(tokens.shape[1])[None])
+        h = self.norm(torch.tanh(self.lin(x))).mean(1)
         logits = self.out(h)
         if self.tied:  # the embedding's weight used outside its forward
             logits = logits + F.linear(h, self.emb.weight)[:, :3]
@@ -36,9 +40,9 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(tokens), labels, reduction="none")
 
 
-def setup(tied=False, q=4):
+def setup(tied=False, q=4, positions=False):
     torch.manual_seed(0)
-    model = SeqNet(tied).double()
+    model = SeqNet(tied, positions).double()
     tokens = torch.randint(0, 20, (37, 5))
     labels = torch.randint(0, 3, (37,))
     data = TensorDataset(tokens, labels)
@@ -78,6 +82,19 @@ def test_weight_used_outside_its_layer_falls_back_to_per_example_gradients():
         result, fast = streamed(model, data, space, s)
     assert result.path == "vmap"
     torch.testing.assert_close(fast, naive_scores(model, loss_fn, data, space, s))
+
+
+def test_position_embedding_broadcast_over_the_batch_takes_the_vmap_path(recwarn):
+    """A lookup shared by the whole batch has no per-example rows: its weight goes to the vmap
+    path while the other layers keep their rules (no fallback of the whole pass, no warning)."""
+    model, data, space, s = setup(positions=True)
+    result, fast = streamed(model, data, space, s)
+    assert result.path == "layers"
+    assert set(result.vmap_params) == {"pos.weight", "norm.weight", "norm.bias"}
+    assert not [w for w in recwarn if "disagree" in str(w.message)]
+    torch.testing.assert_close(
+        fast, naive_scores(model, loss_fn, data, space, s), rtol=1e-10, atol=1e-14
+    )
 
 
 def test_contraction_check_catches_a_wrong_layer_rule():

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from precompute.objective import second_order
+
 Objective = Callable[[], torch.Tensor]
 
 
@@ -121,6 +123,77 @@ def newton_cg(objective: Objective, params: list[torch.Tensor], tol: float, max_
             break
         grads, g, gnorm = new_grads, new_g, new_norm
     return {"grad_norm": gnorm, "steps": steps, "cg_iterations": cg_iterations}
+
+
+def lbfgs_newton(
+    objective: Objective,
+    params: list[torch.Tensor],
+    tol: float,
+    *,
+    newton_from: float = 1e-2,
+    chunk: int = 50,
+    max_iter: int = 3000,
+    newton_steps: int = 8,
+    history: int = 30,
+) -> dict:
+    """Minimise objective() over params to a gradient 2-norm <= tol, for non-convex models.
+
+    Full-batch L-BFGS (strong Wolfe) in chunks of `chunk` iterations until |grad| <
+    `newton_from`, then `newton_cg` (exact Hessian-vector products, under
+    precompute.objective.second_order), which converges quadratically where L-BFGS slows down.
+    Where Newton stops short (the Hessian not yet positive definite there), more L-BFGS to a
+    tenth of the gradient norm reached, then Newton again; where Newton gains a factor of 10,
+    Newton again. Stops at tol, when L-BFGS stalls or after `max_iter` L-BFGS iterations.
+    Returns {"grad_norm", "lbfgs_iterations", "newton_steps", "cg_iterations"}.
+    """
+    info = {"lbfgs_iterations": 0, "newton_steps": 0, "cg_iterations": 0}
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=chunk,
+        tolerance_grad=0.0,  # stopping is decided on the true gradient norm below
+        tolerance_change=1e-16,
+        history_size=history,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = objective()
+        value.backward()
+        return value.detach()
+
+    norm = grad_norm(objective, params)
+    value = float(objective().detach())
+    handover = newton_from
+    while norm > tol:
+        stalled = False
+        while norm > handover and info["lbfgs_iterations"] < max_iter:
+            before = int(opt.state[params[0]].get("n_iter", 0))
+            opt.step(closure)
+            done = int(opt.state[params[0]].get("n_iter", 0)) - before
+            info["lbfgs_iterations"] += done
+            previous, value = value, float(objective().detach())
+            norm = grad_norm(objective, params)
+            if done == 0 or value >= previous:  # L-BFGS can no longer make progress
+                stalled = True
+                break
+        before = norm
+        with second_order():
+            newton = newton_cg(objective, params, tol, newton_steps)
+        info["newton_steps"] += newton["steps"]
+        info["cg_iterations"] += newton["cg_iterations"]
+        norm = newton["grad_norm"]
+        if norm < 0.1 * before:  # Newton is getting there: more Newton
+            handover = norm
+        elif stalled or info["lbfgs_iterations"] >= max_iter:
+            break
+        else:  # not yet in Newton's basin: more L-BFGS first
+            handover = min(handover, norm) / 10
+    for p in params:
+        p.grad = None
+    info["grad_norm"] = norm
+    return info
 
 
 def warn_if_unconverged(gnorm: float, tol: float, what: str, stacklevel: int = 1) -> None:
