@@ -12,9 +12,12 @@ script is run once before the URL is announced) and prints:
   and in the main view, and from the sidebar in both;
 - ten visitors opening different deep links at once, each in its own browser context: the
   time until each sees its rank-1 ids (goal <= 5 s);
-- the server's resident memory (the process and its children) after all of it, and its peak.
+- the server's resident memory (the process and its children) after all of it, and its peak;
+- the same crowd on a one-line Streamlit page (`--no-floor` skips it): what Streamlit and the
+  browser alone cost on this machine at that moment, the floor under the crowd's times.
 
     python benchmarks/explorer_speed.py [--pretrain 40000] [--tests 200] [--text] [--run DIR]
+                                        [--visitors 10] [--no-floor]
     python benchmarks/explorer_speed.py --pretrain 1000000 --tests 50 --text
 """
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 from playwright.async_api import async_playwright
 
-from explorer.launch import start, stop, wait_until_healthy, warm_up
+from explorer.launch import free_port, start, stop, wait_until_healthy, warm_up
 from explorer.synthetic import write_synthetic_run
 from precompute.rundir import read_table
 
@@ -166,6 +169,46 @@ async def crowd(browser, url, top, scenario, tests) -> list[float]:
     return list(times)
 
 
+FLOOR_TEXT = "msif floor page"
+FLOOR_APP = f'import streamlit as st\n\nst.write("{FLOOR_TEXT}")\n'
+
+
+async def floor_crowd(browser, workdir: Path, visitors: int) -> list[float]:
+    """`visitors` opening a one-line Streamlit page at once, each in its own context: the time
+    until each sees its line. The explorer cannot beat this on the same machine and load."""
+    script = workdir / "floor_app.py"
+    script.write_text(FLOOR_APP)
+    port = free_port()
+    flags = ["--server.address", "127.0.0.1", "--server.port", str(port)]
+    flags += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(script), *flags],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until_healthy(port, process)
+        url = f"http://127.0.0.1:{port}/"
+
+        async def visit(page):
+            started = time.perf_counter()
+            await page.goto(url)
+            await page.get_by_text(FLOOR_TEXT, exact=True).wait_for(timeout=TIMEOUT_MS)
+            return time.perf_counter() - started
+
+        context, page = await new_page(browser)  # the server's first page, not timed
+        await visit(page)
+        await context.close()
+        pages = [await new_page(browser) for _ in range(visitors)]
+        times = await asyncio.gather(*(visit(page) for _, page in pages))
+        for context, _ in pages:
+            await context.close()
+        return list(times)
+    finally:
+        stop(process)
+
+
 def tree_memory_mib(pid: int) -> tuple[float, float]:
     """(resident, peak resident) MiB of a process and all its descendants (Linux /proc)."""
     resident = peak = 0.0
@@ -180,7 +223,10 @@ def tree_memory_mib(pid: int) -> tuple[float, float]:
         resident += int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
         peak += int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
         for task in Path(f"/proc/{current}/task").iterdir():
-            children = (task / "children").read_text().split()
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:  # a thread that ended meanwhile
+                continue
             todo.extend(int(c) for c in children)
     return resident, peak
 
@@ -189,7 +235,7 @@ def describe(times: list[float]) -> str:
     return f"median {statistics.median(times):.2f} s, max {max(times):.2f} s over {len(times)}"
 
 
-async def measure(args, run_dir: Path, top, scenario: str, picks: list[int]) -> dict:
+async def measure(args, run_dir: Path, workdir: Path, top, scenario: str, picks: list[int]) -> dict:
     results: dict = {}
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
@@ -220,6 +266,8 @@ async def measure(args, run_dir: Path, top, scenario: str, picks: list[int]) -> 
             crowd_tests = picks[-args.visitors :]
             results["crowd"] = await crowd(browser, url, top, scenario, crowd_tests)
             results["rss"], results["rss_peak"] = tree_memory_mib(process.pid)
+            if args.floor:
+                results["floor"] = await floor_crowd(browser, workdir, args.visitors)
         finally:
             stop(process)
             await browser.close()
@@ -234,6 +282,12 @@ def main() -> int:
     parser.add_argument("--visitors", type=int, default=10)
     parser.add_argument("--run", type=Path, help="use (or create) this run directory")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the crowd on a one-line Streamlit page",
+    )
     args = parser.parse_args()
 
     workdir = tempfile.TemporaryDirectory(prefix="msif-bench-")
@@ -259,7 +313,7 @@ def main() -> int:
     step = max(1, len(test_ids) // needed)
     picks = (test_ids[::step] + test_ids)[:needed]
 
-    r = asyncio.run(measure(args, run_dir, top, scenario, picks))
+    r = asyncio.run(measure(args, run_dir, Path(workdir.name), top, scenario, picks))
     workdir.cleanup()
 
     def verdict(ok: bool) -> str:
@@ -289,6 +343,11 @@ def main() -> int:
         f"{describe(r['crowd'])} (goal <= {CROWD_GOAL_S:.0f} s: "
         f"{verdict(crowd_max <= CROWD_GOAL_S)})"
     )
+    if "floor" in r:
+        print(
+            f"the same {len(r['floor'])} visitors on a one-line Streamlit page (the floor of "
+            f"Streamlit and this browser on this machine now): {describe(r['floor'])}"
+        )
     print(
         f"server memory (process and children): {r['rss_idle']:.0f} MiB after loading the run, "
         f"{r['rss']:.0f} MiB after all of the above, peak {r['rss_peak']:.0f} MiB "

@@ -56,7 +56,8 @@ def main() -> None:
         prediction.unconverged_banner(run, selection)
         controls.view_switch(selection)
     controls.render(run, selection)
-    preload()  # after the page is drawn: the first visitor does not wait for it
+    # after the page is drawn: the first visitor does not wait for it
+    preload(lambda: view_module("map").warm(run))
 
 
 main()

@@ -495,6 +495,13 @@ def _map_pixels(run_key: str, stamp: float, bounds: tuple[float, ...]) -> np.nda
     )
 
 
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _map_density(run_key: str, stamp: float, bounds: tuple[float, ...]) -> raster.Density:
+    """How many pretraining examples each pixel of the extent `bounds` holds, and the opacity
+    that gives: the same for every test, so a test's map only averages its scores."""
+    return raster.density(_map_pixels(run_key, stamp, bounds))
+
+
 def map_image(
     run: Run, scenario: str, test_id: int, extent: raster.Extent
 ) -> tuple[bytes, float | None, list[str]]:
@@ -519,7 +526,8 @@ def _map_image(
     pixel = _map_pixels(run_key, stamp, bounds)
     values = score_values(run, scenario, test_id) if test_id >= 0 else None
     if values is not None:
-        image, limit = raster.score_image(pixel, values)
+        base = _map_density(run_key, stamp, bounds)
+        image, limit = raster.score_image(pixel, values, base=base)
         return raster.png(image), limit, []
     classes = pretrain_classes(run)
     by_size = classes.value_counts().index  # the commonest classes get their own colours

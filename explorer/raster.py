@@ -130,26 +130,72 @@ def _alpha(count: np.ndarray) -> np.ndarray:
     return np.where(filled, 0.55 + 0.45 * np.clip(level, 0.0, 1.0), 0.0).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Density:
+    """What a score image takes from the map alone, not from the test: which examples fall in
+    the image, how many per pixel (spread over the disc radius) and the opacity that gives.
+    Computed once per run and extent (explorer.data), so a new test only averages its scores."""
+
+    inside: np.ndarray  # bool per example: a pixel of the image holds it
+    pixel: np.ndarray  # the pixel of each example inside (int64, in example order)
+    count: np.ndarray  # (height, width) examples per pixel, spread over the disc
+    alpha: np.ndarray  # (height, width) float32 opacity
+    alpha_byte: np.ndarray  # (height, width) uint8, the alpha channel of the image
+    radius: int
+    everyone: bool  # every example falls inside (no mask needed)
+
+
+def density(
+    pixel: np.ndarray, width: int = WIDTH, height: int = HEIGHT, use: np.ndarray | None = None
+) -> Density:
+    """The `Density` of the examples at `pixel` (-1 outside), or of those where `use` holds."""
+    inside = pixel >= 0 if use is None else (pixel >= 0) & use
+    positions = pixel[inside].astype(np.int64)
+    count = np.bincount(positions, minlength=width * height).reshape(height, width)
+    r = radius(int(positions.size), width, height)
+    count = _spread(count.astype(np.float64), r)
+    alpha = _alpha(count)
+    return Density(
+        inside=inside,
+        pixel=positions,
+        count=count,
+        alpha=alpha,
+        alpha_byte=_rgba(np.zeros(alpha.shape + (3,)), alpha)[..., 3],
+        radius=r,
+        everyone=bool(inside.all()),
+    )
+
+
 def score_image(
-    pixel: np.ndarray, values: np.ndarray, width: int = WIDTH, height: int = HEIGHT
+    pixel: np.ndarray,
+    values: np.ndarray,
+    width: int = WIDTH,
+    height: int = HEIGHT,
+    base: Density | None = None,
 ) -> tuple[np.ndarray, float]:
     """RGBA (height, width, 4) of the mean score per pixel, and the |score| at which the
-    colour saturates (the 99th percentile of the pixels' |mean|)."""
-    use = (pixel >= 0) & np.isfinite(values)
-    size = width * height
-    total = np.bincount(pixel[use], weights=values[use], minlength=size).reshape(height, width)
-    count = np.bincount(pixel[use], minlength=size).reshape(height, width).astype(np.float64)
-    r = radius(int(use.sum()), width, height)
-    total, count = _spread(total, r), _spread(count, r)
+    colour saturates (the 99th percentile of the pixels' |mean|). `base`, the `density` of
+    `pixel`, saves its work when every value is finite (the image is the same)."""
+    finite = np.isfinite(values)
+    if base is None or not finite.all():
+        base = density(pixel, width, height, use=finite)
+    weights = values if base.everyone else values[base.inside]
+    total = np.bincount(base.pixel, weights=weights, minlength=width * height)
+    total = _spread(total.reshape(height, width), base.radius)
+    count = base.count
     filled = count > 0
     mean = np.divide(total, count, out=np.zeros_like(total), where=filled)
     limit = float(np.quantile(np.abs(mean[filled]), 0.99)) if filled.any() else 0.0
     limit = limit if limit > 0 else 1.0
-    t = np.clip(mean / limit, -1.0, 1.0)[..., None]
+    # the colour of each filled pixel only: the empty ones (most of a sparse map) stay grey
+    t = np.clip(mean[filled] / limit, -1.0, 1.0)[:, None]
     middle = np.array(MIDDLE_RGB, dtype=np.float32)
     ends = np.where(t >= 0, np.array(HELPFUL_RGB, np.float32), np.array(HARMFUL_RGB, np.float32))
-    rgb = middle + (ends - middle) * np.abs(t)
-    return _rgba(rgb, _alpha(count)), limit
+    out = np.empty((height, width, 4), dtype=np.uint8)
+    out[..., :3] = MIDDLE_RGB
+    out[filled, :3] = np.clip(middle + (ends - middle) * np.abs(t), 0, 255).astype(np.uint8)
+    out[..., 3] = base.alpha_byte
+    return out, limit
 
 
 def class_image(

@@ -7,7 +7,9 @@ View modules are imported when first shown, so opening the main view does not pa
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
+from collections.abc import Callable
 from types import ModuleType
 
 VIEW_MODULES = {
@@ -31,9 +33,10 @@ _preloading = threading.Lock()
 _preloaded = False
 
 
-def preload() -> None:
+def preload(*warm: Callable[[], object]) -> None:
     """Import every view module in a background thread, once per process, so that the first
-    visitor of the map (plotly, about a second of imports) does not wait for them."""
+    visitor of the map (plotly, about a second of imports) does not wait for them; then call
+    each of `warm` there (e.g. to fill a cache the map's first visitor would wait for)."""
     global _preloaded
     with _preloading:
         if _preloaded:
@@ -43,5 +46,10 @@ def preload() -> None:
     def run() -> None:
         for name in VIEW_MODULES.values():
             importlib.import_module(name)
+        for task in warm:
+            try:
+                task()
+            except Exception:  # only a head start: the visitor's own call reports any problem
+                logging.getLogger("msif.explorer").debug("warming failed", exc_info=True)
 
     threading.Thread(target=run, name="msif-preload", daemon=True).start()

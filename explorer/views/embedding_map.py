@@ -12,6 +12,7 @@ ranges, and the server redraws the raster for them (`?zoom=x0,x1,y0,y1`, a link 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 
 import numpy as np
@@ -90,6 +91,7 @@ export default function(component) {
 """
 ZOOM_HOOK = st.components.v2.component("msif_map_zoom", js=ZOOM_JS)
 ZOOM_KEY = "map_zoom_hook"
+PLOTLY_SHOWN = "map_drawn_before"  # session state: this page has drawn the map once
 SELECTION_ROWS = 100  # examples of a selection listed on the page (the CSV has them all)
 EXPORT_ROWS = 200_000  # at most this many in the CSV, strongest |score| first
 SEARCH_ROWS = 100
@@ -135,8 +137,7 @@ def _dummy(name: str, colour: str, symbol: str = "square", **marker) -> go.Scatt
 def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
     """The map as a plotly figure: the raster as a layout image, markers on top."""
     png, limit, classes = data.map_image(run, selection.scenario, selection.test_id, view)
-    fig = go.Figure()
-    fig.add_layout_image(
+    image = dict(
         source=_uri(png),
         xref="x",
         yref="y",
@@ -147,9 +148,10 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
         sizing="stretch",
         layer="below",
     )
+    traces = []  # built first, then the figure at once: plotly validates it a single time
     count = f"{len(run.pretrain):,} pretraining examples"
     if limit is not None:
-        fig.add_trace(
+        traces.append(
             _dummy(
                 count,
                 MIDDLE,
@@ -161,11 +163,11 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
             )
         )
     else:
-        fig.add_trace(_dummy(count, MIDDLE))
+        traces.append(_dummy(count, MIDDLE))
         last = len(raster.PALETTE) - 1  # the palette's last colour is shared by the rest
         for index, name in enumerate(classes[: last + 1]):
             label = "other classes" if index == last and len(classes) > last + 1 else name
-            fig.add_trace(
+            traces.append(
                 _dummy(plotly_text(label), "rgb({},{},{})".format(*raster.PALETTE[index]))
             )
 
@@ -174,7 +176,7 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
     trace = go.Scattergl if len(others) > 2000 else go.Scatter
     # open markers, fainter when there are many: the pretraining colours under them show
     many = len(others) > 100
-    fig.add_trace(
+    traces.append(
         trace(
             x=others["umap_x"],
             y=others["umap_y"],
@@ -204,7 +206,7 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
     )
     for kind, colour in (("helpful", HELPFUL), ("harmful", HARMFUL)):
         top = data.top_list(run, selection.scenario, selection.test_id, kind, selection.k)
-        fig.add_trace(
+        traces.append(
             go.Scatter(
                 x=top["umap_x"],
                 y=top["umap_y"],
@@ -230,7 +232,7 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
         )
     if selection.example is not None:
         opened = run.pretrain.loc[selection.example]
-        fig.add_trace(
+        traces.append(
             go.Scatter(
                 x=[opened["umap_x"]],
                 y=[opened["umap_y"]],
@@ -242,7 +244,7 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
             )
         )
     row = test.loc[selection.test_id]
-    fig.add_trace(
+    traces.append(
         go.Scatter(
             x=[row["umap_x"]],
             y=[row["umap_y"]],
@@ -256,8 +258,9 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
         )
     )
     axis = dict(showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_layout(
+    layout = dict(
         template="plotly_white",
+        images=[image],
         font=dict(family="Source Sans Pro, sans-serif", size=13, color="#262730"),
         height=600,
         margin=dict(l=10, r=10, t=10, b=10),
@@ -269,7 +272,34 @@ def figure(run: Run, selection: Selection, view: raster.Extent) -> go.Figure:
         xaxis=dict(title="UMAP 1", range=[view.x0, view.x1], **axis),
         yaxis=dict(title="UMAP 2", range=[view.y0, view.y1], **axis),
     )
+    return go.Figure(data=traces, layout=layout)
+
+
+@functools.cache
+def blank_figure() -> go.Figure:
+    """An empty chart of the map's size: what the map's place shows until the map arrives."""
+    hidden = dict(visible=False)
+    fig = go.Figure()
+    fig.update_layout(
+        height=600,
+        margin=dict(l=10, r=10, t=10, b=10),
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        xaxis=hidden,
+        yaxis=hidden,
+    )
     return fig
+
+
+def warm(run: Run) -> None:
+    """Draw the whole map of the run's first test once, off any page: the server process then
+    holds the raster's shared part and plotly's validators (imported on first use), and the
+    first visitor of the map waits for neither."""
+    scenario = run.scenarios[0]
+    test_id = state.default_test(run, scenario)
+    selection = Selection(scenario, test_id, min(state.DEFAULT_K, max(1, run.top_k)), "map")
+    figure(run, selection, data.map_extent(run)).to_dict()
+    blank_figure().to_dict()
 
 
 def _on_zoom() -> None:
@@ -539,14 +569,26 @@ def render(run: Run, selection: Selection) -> None:
             "score; only the top-k lists are highlighted.",
         )
     key = f"map_{view.text()}"
-    event = st.plotly_chart(
-        figure(run, selection, view),
+    slot = st.empty()
+    if not st.session_state.get(PLOTLY_SHOWN):
+        # a page that has not drawn a chart yet: a blank one at once makes the browser fetch
+        # and start plotly (a few MiB of JavaScript) while the raster is drawn here; the map
+        # then takes its place. Not on later reruns, where it would blank the map shown
+        slot.plotly_chart(blank_figure(), config={"displayModeBar": False}, theme=None)
+    try:
+        fig = figure(run, selection, view)
+    except Exception:  # e.g. scores naming an unknown example: the page says so, without a chart
+        slot.empty()
+        raise
+    event = slot.plotly_chart(
+        fig,
         key=key,
         on_select=lambda: _on_select(key),
         selection_mode=("points", "box", "lasso"),
         config={"displaylogo": False, "modeBarButtonsToRemove": ["autoScale2d"]},
         theme=None,  # the figure sets its own colours; streamlit's theme would restyle them
     )
+    st.session_state[PLOTLY_SHOWN] = True
     ZOOM_HOOK(key=ZOOM_KEY, on_zoom_change=_on_zoom, height=0)
     if zoom is not None:
         left, right = st.columns([4, 1])

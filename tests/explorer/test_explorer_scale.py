@@ -15,7 +15,7 @@ import pytest
 from apptest_pages import html_of, notes, param
 from PIL import Image
 
-from explorer import data, raster
+from explorer import data, raster, state
 from explorer.state import Selection
 from explorer.synthetic import write_synthetic_run
 from explorer.views import compare, embedding_map
@@ -63,6 +63,29 @@ def test_the_map_is_a_raster_under_a_small_overlay(app, big_run):
     assert raster_of(spec).size == (raster.WIDTH, raster.HEIGHT)
     tests = next(t for t in spec["data"] if t["name"].startswith("test examples"))
     assert tests["marker"]["symbol"] == "diamond-open"  # the colours under them stay visible
+
+
+def test_the_map_stays_one_chart_across_reruns_and_warms_ahead(app, big_run):
+    """A page's first map is preceded by a blank chart (so the browser loads plotly while the
+    raster is drawn) that the map replaces; later reruns send the map alone. Warming draws the
+    first test's map off any page, with the same raster a visitor then gets."""
+    at = app(big_run, test=5, scenario="fixed", view="map")
+    first = figure_of(at)  # exactly one chart: the blank one was replaced
+    assert at.session_state[embedding_map.PLOTLY_SHOWN]
+    at.query_params["test"] = "6"
+    again = figure_of(at.run())
+    assert "test 5" in {t.get("name") for t in first["data"]}
+    assert "test 6" in {t.get("name") for t in again["data"]}
+    blank = embedding_map.blank_figure().to_dict()
+    assert not blank["data"] and blank["layout"]["height"] == first["layout"]["height"]
+
+    run = data.load_run(big_run)
+    embedding_map.warm(run)
+    scenario = run.scenarios[0]
+    test_id = state.default_test(run, scenario)
+    png, _, _ = data.map_image(run, scenario, test_id, run.map_extent)
+    shown = app(big_run, test=test_id, scenario=scenario, view="map")
+    assert raster_of(figure_of(shown)).tobytes() == Image.open(io.BytesIO(png)).tobytes()
 
 
 def test_the_raster_shows_every_score_of_the_selected_test(app, big_run):

@@ -207,6 +207,23 @@ def test_sparse_maps_draw_discs_and_dense_maps_single_pixels():
     assert (image[..., 3] > 0).sum() == 7 + 2 * 7 + 2 * 5 + 2 * 3  # the disc of radius 3
 
 
+@pytest.mark.parametrize("n", [1_000_000 // 50, 400])  # dense (one pixel each) and sparse (discs)
+def test_a_maps_shared_density_draws_the_same_image_as_a_whole_pass(n):
+    """The per-run `density` only saves work: with it, every test's image is the same, NaN
+    scores (left out of the density) included."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=n), rng.normal(size=n)
+    pixel = raster.pixels(x, y, raster.Extent(-2.5, 2.5, -2.5, 2.5), 120, 60)
+    assert (pixel < 0).any()  # some examples fall outside the extent
+    base = raster.density(pixel, 120, 60)
+    for values in (rng.normal(size=n), np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n))):
+        values = values.astype(np.float32)
+        expected, limit = raster.score_image(pixel, values, 120, 60)
+        image, shared_limit = raster.score_image(pixel, values, 120, 60, base=base)
+        np.testing.assert_array_equal(image, expected)
+        assert shared_limit == limit
+
+
 def test_class_image_shows_the_commonest_class_per_pixel():
     pixel = np.array([0, 0, 0, 1, 1, 1, 1])
     codes = np.array([2, 2, 1, 0, 1, 1, 0])
