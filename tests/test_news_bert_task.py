@@ -32,7 +32,7 @@ def test_words_and_mark_keep_the_original_text():
     words = words_with_spans(text)
     assert [w for w, _, _ in words] == ["shares", "vodafone", "rose", "firm's", "best", "day"]
     _, start, end = words[1]
-    assert mark(text, start, end) == "Shares in [Vodafone] rose; it's the firm's best day."
+    assert mark(text, start, end) == "Shares in [[Vodafone]] rose; it's the firm's best day."
 
 
 def test_data_and_masks_are_deterministic(task):
@@ -67,16 +67,18 @@ def test_describe_marks_the_masked_word(task):
     news = NewsTask()
     vocab = task.vocabulary
     labels = task.pretrain_data().tensors["labels"]
-    for i in (0, 1, 17, len(labels) - 1):
+    for i in range(len(labels)):
         row = task.describe("pretrain", i)
         assert row["label"] is None and row["image"] is None
         text = row["text"]
-        assert text.count("[") == 1 and text.count("]") == 1, text
-        word = text[text.index("[") + 1 : text.index("]")]
+        assert text.count("[[") == 1 and text.count("]]") == 1, text
+        word = text[text.index("[[") + 2 : text.index("]]")]
         assert word.lower() == vocab[int(labels[i][labels[i] != IGNORE])]
-        # the sentence as written in the news task, only the brackets added
+        # the sentence as written in the news task (some with brackets of their own: "[the
+        # figures] show"), only the double brackets added
         passage = task.pretrain_examples()[i]["passage"]
-        assert text.replace("[", "").replace("]", "") == news.describe("pretrain", passage)["text"]
+        original = news.describe("pretrain", passage)["text"]
+        assert text.replace("[[", "", 1).replace("]]", "", 1) == original
 
 
 def test_finetuning_uses_the_news_split(task):
@@ -159,4 +161,4 @@ def test_run_scores_are_not_degenerate_and_describe_the_masked_word(run):
     )
     assert not np.allclose(fixed.sort_index(), updated.sort_index())
     texts = pd.read_parquet(out / "pretrain.parquet")["text"]
-    assert texts.str.count(r"\[").eq(1).all() and texts.str.count(r"\]").eq(1).all()
+    assert texts.str.count(r"\[\[").eq(1).all() and texts.str.count(r"\]\]").eq(1).all()

@@ -85,8 +85,9 @@ def words_with_spans(text: str) -> list[tuple[str, int, int]]:
 
 
 def mark(text: str, start: int, end: int) -> str:
-    """`text` with text[start:end] in square brackets: "shares in [vodafone] fell"."""
-    return f"{text[:start]}[{text[start:end]}]{text[end:]}"
+    """`text` with text[start:end] in double square brackets: "shares in [[vodafone]] fell"
+    (news text has single brackets of its own: "[the figures] show")."""
+    return f"{text[:start]}[[{text[start:end]}]]{text[end:]}"
 
 
 def build_vocabulary(sentences: list[str], min_count: int, max_words: int) -> list[str]:
