@@ -70,7 +70,13 @@ from precompute.hf import (
 )
 from precompute.tasks.base import BuiltinTask
 from precompute.tasks.news import STOP_WORDS, TOKEN_RE, NewsTask
-from precompute.tasks.training import grad_norm, lbfgs_newton, sq_norm, warn_if_unconverged
+from precompute.tasks.training import (
+    grad_norm,
+    lbfgs,
+    lbfgs_newton,
+    sq_norm,
+    warn_if_unconverged,
+)
 
 DTYPE = torch.float64
 SPECIAL = ("[PAD]", "[CLS]", "[MASK]")  # ids 0, 1, 2
@@ -374,21 +380,7 @@ class NewsBertTask(HFTask, BuiltinTask):
         def objective() -> torch.Tensor:
             return self.pretrain_data_term(model) + 0.5 * self.warmup_l2 * sq_norm(params)
 
-        opt = torch.optim.LBFGS(
-            params,
-            max_iter=self.warmup_iterations,
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
-            history_size=30,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            value = objective()
-            value.backward()
-            return value.detach()
-
+        opt, closure = lbfgs(objective, params, self.warmup_iterations, tolerance_change=0.0)
         opt.step(closure)
         for p in params:
             p.grad = None

@@ -125,6 +125,35 @@ def newton_cg(objective: Objective, params: list[torch.Tensor], tol: float, max_
     return {"grad_norm": gnorm, "steps": steps, "cg_iterations": cg_iterations}
 
 
+def lbfgs(
+    objective: Objective,
+    params: list[torch.Tensor],
+    max_iter: int,
+    history: int = 30,
+    tolerance_change: float = 1e-16,
+) -> tuple[torch.optim.LBFGS, Callable[[], torch.Tensor]]:
+    """(optimizer, closure) of full-batch L-BFGS (strong Wolfe line search, step 1) on
+    objective(): each opt.step(closure) runs up to `max_iter` iterations. No gradient
+    tolerance: the caller decides when to stop, on the true gradient norm."""
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=0.0,
+        tolerance_change=tolerance_change,
+        history_size=history,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = objective()
+        value.backward()
+        return value.detach()
+
+    return opt, closure
+
+
 def lbfgs_newton(
     objective: Objective,
     params: list[torch.Tensor],
@@ -147,22 +176,7 @@ def lbfgs_newton(
     Returns {"grad_norm", "lbfgs_iterations", "newton_steps", "cg_iterations"}.
     """
     info = {"lbfgs_iterations": 0, "newton_steps": 0, "cg_iterations": 0}
-    opt = torch.optim.LBFGS(
-        params,
-        lr=1.0,
-        max_iter=chunk,
-        tolerance_grad=0.0,  # stopping is decided on the true gradient norm below
-        tolerance_change=1e-16,
-        history_size=history,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        value = objective()
-        value.backward()
-        return value.detach()
-
+    opt, closure = lbfgs(objective, params, chunk, history)
     norm = grad_norm(objective, params)
     value = float(objective().detach())
     handover = newton_from
