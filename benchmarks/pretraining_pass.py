@@ -119,7 +119,7 @@ def one(
             space,
             s,
             top_k=10,
-            batch_size=batch_size,
+            batch_size=batch_size or None,
             sink=lambda first, sc: columns.__setitem__(first, sc[:, :8]) if first == 0 else None,
         )
         sync(device)
@@ -167,7 +167,9 @@ def main() -> None:
     parser.add_argument("--m", default="20000", help="pretraining examples (comma-separated)")
     parser.add_argument("--q", type=int, default=32, help="test-side vectors")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="examples per batch (default: the pass's choice)"
+    )
     parser.add_argument("--model", default="mlp", choices=["mlp", "passages"])
     parser.add_argument(
         "--naive-m",
@@ -209,7 +211,10 @@ def main() -> None:
             f"MiB"
             + (f", peak CUDA {fast['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in fast else "")
         )
-        print(f"  floor 2*Q*m*p  : {floor:8.2f} s   pass / floor = {fast['seconds'] / floor:.2f}")
+        print(
+            f"  floor 2*Q*m*p  : {floor:8.2f} s   pass / floor = {fast['seconds'] / floor:.2f}, "
+            f"{m / fast['seconds']:,.0f} examples/s"
+        )
         if not args.skip_naive:
             naive = spawn("naive", args, m)
             agree = torch.allclose(

@@ -142,12 +142,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-maps", action="store_true")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--map-layout", default="auto", choices=["auto", "seeded", "parallel"])
     args = parser.parse_args()
     start = time.perf_counter()
     task = ScaleTask(args.m)
     task.finetuned_model("fixed"), task.finetuned_model("updated")
     print(f"data and training: {time.perf_counter() - start:.1f} s (not msif)")
-    config = PrecomputeConfig(device=args.device, maps=not args.no_maps)
+    config = PrecomputeConfig(device=args.device, maps=not args.no_maps, map_layout=args.map_layout)
     if args.batch_size:
         config.batch_size = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:

@@ -98,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--cg-max-iter", default=500, type=_whole)
     pre.add_argument("--no-maps", action="store_true", help="skip the UMAP embedding map")
     pre.add_argument(
+        "--map-layout",
+        default="auto",
+        choices=["auto", "seeded", "parallel"],
+        help="UMAP layout: seeded (one thread, the same map every run), parallel (every core), "
+        "auto (seeded on up to 4 cores, else parallel)",
+    )
+    pre.add_argument(
         "--agreement-tests",
         default=0,
         type=_whole,
@@ -154,6 +161,7 @@ def run_precompute(args) -> Path:
         cg_tol=args.cg_tol,
         cg_max_iter=args.cg_max_iter,
         maps=not args.no_maps,
+        map_layout=args.map_layout,
         agreement_tests=args.agreement_tests,
         allow_unconverged=args.allow_unconverged,
         overwrite=args.overwrite,

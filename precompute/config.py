@@ -28,6 +28,7 @@ class PrecomputeConfig:
     cg_tol: float = 1e-6
     cg_max_iter: int = 500
     maps: bool = True
+    map_layout: str = "auto"  # auto | seeded | parallel (precompute.maps.layout_threads)
     overwrite: bool = False
     agreement_tests: int = 0  # > 0: compare the solver with well-converged cg on these tests
     allow_unconverged: bool = False  # write the run even when a solve misses its tolerance
@@ -42,6 +43,7 @@ class PrecomputeConfig:
         _choice("--full-scores", self.full_scores, ("auto", "on", "off"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         _choice("--engine", self.engine, ENGINES)
+        _choice("--map-layout", self.map_layout, ("auto", "seeded", "parallel"))
         if self.damping != "auto":
             _real("--damping", self.damping, "a finite number >= 0, or auto", lambda d: d >= 0)
         _real("--cg-tol", self.cg_tol, "a number in (0, 1)", lambda t: 0 < t < 1)

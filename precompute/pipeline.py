@@ -331,7 +331,7 @@ def make_map(task, config, pretrained, pretrain_data, test_data, device, state):
     labels = labels.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
     pre_xy, test_xy, info = embedding_map(
         task, pretrained, pretrain_data, test_data, config.objective_batch, device,
-        labels=None if np.isnan(labels).all() else labels,
+        labels=None if np.isnan(labels).all() else labels, layout=config.map_layout,
     )  # fmt: skip
     torch.save(
         {"pretrain": torch.from_numpy(pre_xy), "test": torch.from_numpy(test_xy)},

@@ -163,6 +163,9 @@ class Contraction:
                 self.s_bias[module] = rule.bias_to_matrix(blocks[by_id[id(bias)]]).contiguous()
                 covered.add(by_id[id(bias)])
         self.layer_params = [n for n in space.names if n in covered]
+        # the widest dense layer output (groups x out): a batch's products take Q x this each
+        self.widest = max((w.shape[1] * w.shape[2] for m, w in self.s_weight.items()
+                           if not isinstance(self.rules[m], EmbeddingRule)), default=0)  # fmt: skip
         left = [n for n in space.names if n not in covered]
         self.vmap_space = ParamSpace.of(model, left)
         self.s_left = torch.cat([blocks[n].reshape(self.q, -1) for n in left], 1) if left else None
@@ -225,6 +228,7 @@ class PretrainingPass:
         self.contraction = Contraction(model, loss_fn, space, s)
         self.space, self.m = space, m
         self.checked = False
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # see verify
 
     def __call__(self, batch: Any, ids: torch.Tensor) -> torch.Tensor:
         contraction = self.contraction
@@ -246,22 +250,37 @@ class PretrainingPass:
                 )
                 contraction.use_layers = False
         scores = contraction(batch) / self.m
-        if not torch.isfinite(scores).all():
-            raise FloatingPointError(
-                f"non-finite influence scores at pretraining examples {int(ids[0])}.."
-                f"{int(ids[-1])} (non-finite pretraining loss or gradient there?)"
-            )
+        self.verify()  # the previous batch, whose work the device has finished by now
+        self.pending = (~torch.isfinite(scores).all(0), ids)
         return scores
 
+    def verify(self) -> None:
+        """Refuse non-finite scores of the last batch scored.
+
+        Checked one batch late (and by the driver after the last batch): reading a flag from a
+        GPU waits for its work, so checking each batch at once would stall the loading of the
+        next batch behind it."""
+        if self.pending is None:
+            return
+        bad, ids = self.pending
+        self.pending = None
+        if bool(bad.any()):
+            raise FloatingPointError(
+                f"non-finite influence scores at pretraining example {int(ids[bad][0])} "
+                "(non-finite pretraining loss or gradient there?)"
+            )
+
     def auto_batch_size(self) -> int:
-        """Examples per batch when none is given: large (4096 on a GPU, 1024 on a CPU: fewer,
-        larger kernels), smaller where per-example gradients (vmapped parameters) or a large
-        model would take more than about 256 MB per batch."""
-        base = 4096 if self.contraction.s.device.type == "cuda" else 1024
+        """Examples per batch when none is given: large (16384 on a GPU, 1024 on a CPU: fewer,
+        larger kernels), smaller where per-example gradients (vmapped parameters), a large
+        model or many test rows would take more than about 1 GB (GPU) or 256 MB (CPU) a batch."""
+        gpu = self.contraction.s.device.type == "cuda"
+        base, budget = (16384, 2**30) if gpu else (1024, 2**28)
         c = self.contraction
         vmapped = c.vmap_space.size if c.use_layers else self.space.size
-        per_example = vmapped + self.space.size // 16  # + a rough allowance for activations
-        return int(min(base, max(32, 2**28 // (4 * max(1, per_example)))))
+        # + rough allowances for activations and for the [Q, layer outputs] products
+        per_example = vmapped + self.space.size // 16 + c.q * c.widest
+        return int(min(base, max(32, budget // (4 * max(1, per_example)))))
 
     def result(self, top: TopK) -> PassResult:
         layers = self.contraction.use_layers
@@ -310,6 +329,7 @@ def score_batches(
         start += size
         if progress is not None:
             progress(size)
+    unit.verify()
     return top
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from precompute.maps import embedding_map, fit_sample
+from precompute import maps
+from precompute.maps import Neighbours, embedding_map, fit_sample, fit_umap, nearest
 
 
 def test_fit_sample_keeps_every_label_in_proportion():
@@ -35,7 +36,13 @@ class Identity:
 
 
 @pytest.mark.slow
-def test_examples_outside_the_sample_are_placed_near_their_neighbours():
+@pytest.mark.parametrize(
+    "exact_max, layout", [(maps.EXACT_MAX, "seeded"), (100, "parallel")]
+)  # exact neighbours and one thread, then pynndescent and numba's threads
+def test_examples_outside_the_sample_are_placed_near_their_neighbours(
+    monkeypatch, exact_max, layout
+):
+    monkeypatch.setattr(maps, "EXACT_MAX", exact_max)
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(4, 8)) * 6
     labels = rng.integers(0, 4, size=3000)
@@ -43,9 +50,12 @@ def test_examples_outside_the_sample_are_placed_near_their_neighbours():
     data = TensorDataset(torch.tensor(points, dtype=torch.float32), torch.tensor(labels))
     test = TensorDataset(torch.tensor(centres, dtype=torch.float32), torch.arange(4))
     xy, test_xy, info = embedding_map(
-        Identity(), None, data, test, 512, torch.device("cpu"), labels.astype(float), fit_max=600
-    )
-    assert info["fitted_on"] <= 610 and "nearest sampled" in info["others"]
+        Identity(), None, data, test, 512, torch.device("cpu"), labels.astype(float), fit_max=600,
+        layout=layout,
+    )  # fmt: skip
+    assert info["fitted_on"] <= 610 and "nearest fitted" in info["others"]
+    assert info["neighbours"] == ("exact" if exact_max > 610 else "pynndescent")
+    assert info["layout"].startswith(layout)
     sample = fit_sample(3000, labels.astype(float), 600)
     placed = np.setdiff1d(np.arange(3000), sample)
     centroids = np.stack([xy[sample][labels[sample] == c].mean(0) for c in range(4)])
@@ -53,3 +63,48 @@ def test_examples_outside_the_sample_are_placed_near_their_neighbours():
     assert np.mean(nearest == labels[placed]) > 0.99  # each lands among its own cluster
     assert np.array_equal(np.argmin(((test_xy[:, None] - centroids[None]) ** 2).sum(-1), 1),
                           np.arange(4))  # fmt: skip
+
+
+def test_exact_neighbours_in_blocks_equal_the_obvious_ones():
+    rng = np.random.default_rng(2)
+    fitted = rng.normal(size=(700, 6)).astype(np.float32)
+    points = rng.normal(size=(300, 6)).astype(np.float32)
+    points[:3] = fitted[[5, 50, 500]]  # exact matches: distance 0, themselves first
+    ids, dist = nearest(fitted, points, 5, "cpu", block=64)
+    obvious = np.sqrt(((points[:, None] - fitted[None]) ** 2).sum(-1))
+    order = np.argsort(obvious, 1)[:, :5]
+    assert np.array_equal(ids, order)
+    np.testing.assert_allclose(dist, np.take_along_axis(obvious, order, 1), atol=1e-3)
+    assert ids[:3, 0].tolist() == [5, 50, 500]
+
+
+def test_cuml_fits_the_map_on_a_gpu_only_where_it_is_installed(monkeypatch):
+    import sys
+    import types
+
+    class FakeUMAP:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def fit_transform(self, x):
+            return x[:, :2] * self.kwargs["n_neighbors"]
+
+    module = types.ModuleType("cuml.manifold")
+    module.UMAP = FakeUMAP
+    monkeypatch.setitem(sys.modules, "cuml", types.ModuleType("cuml"))
+    monkeypatch.setitem(sys.modules, "cuml.manifold", module)
+    assert maps.cuml_umap("cuda") is FakeUMAP and maps.cuml_umap("cpu") is None
+    fitted = np.arange(12.0).reshape(6, 2)
+    xy, library = fit_umap(Neighbours(fitted, 3, "cuda"), "cuda")
+    assert library == "cuml" and np.array_equal(xy, fitted * 3)
+    monkeypatch.setitem(sys.modules, "cuml.manifold", None)  # not installed: umap-learn
+    assert maps.cuml_umap("cuda") is None
+
+
+def test_layout_is_seeded_on_few_cores_and_parallel_on_many(monkeypatch):
+    monkeypatch.setattr(maps, "numba_threads", lambda: 16)
+    assert maps.layout_threads("seeded") == 1 and maps.layout_threads("parallel") == 16
+    monkeypatch.setattr(maps.os, "cpu_count", lambda: 2)
+    assert maps.layout_threads("auto") == 1
+    monkeypatch.setattr(maps.os, "cpu_count", lambda: 16)
+    assert maps.layout_threads("auto") == 16
