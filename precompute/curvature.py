@@ -271,15 +271,19 @@ def block_pcg(
 
 
 def _orthonormal_rows(z: torch.Tensor, rank_tol: float | None = None) -> torch.Tensor:
-    """An orthonormal basis (rows) of the row space of z, without directions whose singular
-    value is below rank_tol (default sqrt(eps) in z's dtype) times the largest: the deflation
-    of block CG."""
+    """An orthonormal basis (rows) of the row space of z [k, p], without directions whose
+    singular value is below rank_tol (default sqrt(eps) in z's dtype) times the largest: the
+    deflation of block CG.
+
+    The SVD by way of a QR factorisation (z^T = Q R, then R^T = U S V^T, so z = U S (Q V)^T):
+    as accurate as an SVD of z, and for k << p a few times faster (2 p k^2 operations)."""
     if not len(z):
         return z
     rank_tol = rank_tol if rank_tol is not None else torch.finfo(z.dtype).eps ** 0.5
-    _, s, vh = torch.linalg.svd(z, full_matrices=False)
+    q, r = torch.linalg.qr(z.T)
+    _, s, vh = torch.linalg.svd(r.T)
     keep = s > rank_tol * s[0]
-    return vh[keep]
+    return vh[keep] @ q.T
 
 
 def solve_pcg_hvp(
