@@ -198,13 +198,15 @@ def embedding_map(
     pre_xy = np.empty((m, 2), dtype=np.float32)
     threads = layout_threads(layout)
     pre_xy[sample], library = fit_umap(neighbours, device, threads)
-    info = {"method": "umap", "library": library, "fitted_on": int(len(sample)),
-            "neighbours": "exact" if neighbours.exact else "pynndescent",
-            "layout": "seeded (one thread; the same map every run)" if threads == 1
-            else f"parallel ({threads} threads; not reproducible)",
-            "fit_s": round(time.perf_counter() - start, 2)}  # fmt: skip
     if library == "cuml":
-        info["layout"] = "cuml"
+        layout = "cuml"
+    elif threads == 1:
+        layout = "seeded (one thread; the same map every run)"
+    else:
+        layout = f"parallel ({threads} threads; not reproducible)"
+    info = {"method": "umap", "library": library, "fitted_on": int(len(sample)),
+            "neighbours": "exact" if neighbours.exact else "pynndescent", "layout": layout,
+            "fit_s": round(time.perf_counter() - start, 2)}  # fmt: skip
     start = time.perf_counter()
     if len(sample) < m:
         rest = np.setdiff1d(np.arange(m), sample, assume_unique=True)
