@@ -364,17 +364,19 @@ def _pcg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tenso
 
 
 def _ekfac(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
-    """X = (EK-FAC of the data term + diag(reg) + d I)^{-1} B (see precompute.ekfac); damping
+    """X = (EK-FAC of the data term + diag(reg) + d I)^{-1} B (see precompute.ekfac); the data
+    term is the Gauss-Newton matrix for --curvature ggn, else the empirical Fisher; damping
     "auto" is 1e-3 * the mean eigenvalue of the approximation."""
     from precompute.ekfac import EKFAC
 
-    curvature = EKFAC(objective).fit()
+    # --curvature ggn: EK-FAC of the Gauss-Newton matrix itself (precompute.ekfac.ggn_roots);
+    # else of the empirical Fisher, the only curvature EK-FAC has without the loss split
+    fisher = "ggn" if objective.split is not None else "empirical"
+    curvature = EKFAC(objective, fisher=fisher).fit()
     mean = curvature.mean_eigenvalue()
     d = damping_for(config.damping, mean)
-    # whatever --curvature says, EK-FAC approximates the data term by the empirical Fisher
-    info = solve_info(
-        "ekfac", rhs.shape[1], d, mean, "empirical Fisher (EK-FAC)", **_ekfac_layout(curvature)
-    )
+    name = "Gauss-Newton (EK-FAC)" if fisher == "ggn" else "empirical Fisher (EK-FAC)"
+    info = solve_info("ekfac", rhs.shape[1], d, mean, name, **_ekfac_layout(curvature))
     return curvature.solve(rhs, d), info
 
 
