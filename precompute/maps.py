@@ -2,12 +2,13 @@
 
 The map is fitted on the pretrained model's representation of the pretraining examples: on all
 of them up to `FIT_MAX`, else on a sample of `FIT_MAX` (stratified by label where labels exist).
-Pretraining examples outside the sample, and the test examples, are placed by interpolation: the
-inverse-distance weighted mean of the map positions of their `NEIGHBOURS` nearest fitted
-examples in the representation space. One neighbour search serves UMAP's graph and the
-placement: exact on a GPU or for a small sample, else pynndescent (umap-learn's own). On a GPU
-with cuML installed, cuML's UMAP fits the map. How the map was made, and how long each part
-took, goes into the manifest."""
+Pretraining examples outside the sample are placed by interpolation: the mean of the map
+positions of their `NEIGHBOURS` nearest fitted examples in the representation space, weighted by
+UMAP's membership strengths (as umap-learn's transform starts). The test examples are placed by
+UMAP's transform itself (that start, then a few epochs of its optimisation). One neighbour
+search serves UMAP's graph, the transform and the placement: exact on a GPU or for a small
+sample, else pynndescent (umap-learn's own). On a GPU with cuML installed, cuML's UMAP fits the
+map. How the map was made, and how long each part took, goes into the manifest."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from precompute.task import MultiStageTask, call
 
 FIT_MAX = 50_000  # examples UMAP is fitted on; the rest are interpolated
 NEIGHBOURS = 5
-PLACED = f"inverse-distance mean of the {NEIGHBOURS} nearest fitted examples"
+PLACED = f"mean of the {NEIGHBOURS} nearest fitted examples, weighted as UMAP weighs neighbours"
 
 
 def represent_all(task: MultiStageTask, model, dataset: Dataset, batch_size: int, device):
@@ -91,13 +92,20 @@ class Neighbours:
 def interpolate(
     neighbours: Neighbours, fitted_xy: np.ndarray, points: np.ndarray, k: int = NEIGHBOURS
 ) -> np.ndarray:
-    """Map positions of `points`: the inverse-distance weighted mean of the positions of their
-    k nearest fitted examples (an exact match takes that example's position)."""
+    """Map positions of `points`: the mean of the positions of their k nearest fitted examples
+    weighted by UMAP's membership strengths, w_j = exp(-(d_j - d_1) / sigma) with sigma such
+    that sum_j w_j = log2(k) (umap-learn's smooth_knn_dist): the nearest weighs most, and the
+    others by how much farther they are. An exact match takes that example's position."""
+    from umap.umap_ import smooth_knn_dist
+
     k = min(k, len(fitted_xy))
     xy = np.empty((len(points), 2), dtype=np.float32)
     for start in range(0, len(points), 100_000):
         ids, dist = neighbours.query(points[start : start + 100_000], k)
-        weights = 1.0 / np.maximum(dist, 1e-12)
+        dist = np.ascontiguousarray(dist, dtype=np.float32)
+        sigmas, rhos = smooth_knn_dist(dist, float(k), local_connectivity=1.0)
+        weights = np.exp(-np.maximum(dist - rhos[:, None], 0.0) / sigmas[:, None])
+        weights[dist[:, 0] == 0] = np.eye(1, k)[0]  # on a fitted example: its own position
         weights /= weights.sum(1, keepdims=True)
         xy[start : start + len(ids)] = (fitted_xy[ids] * weights[..., None]).sum(1)
     return xy
@@ -149,25 +157,35 @@ def numba_threads() -> int:
     return int(numba.get_num_threads())
 
 
-def fit_umap(neighbours: Neighbours, device, threads: int = 1) -> tuple[np.ndarray, str]:
-    """(map positions [n, 2] of the fitted examples, which library fitted them): cuML's UMAP on
-    a GPU where cuML is installed, else umap-learn's on the neighbour graph given, seeded when
-    `threads` is 1, else on that many threads."""
+class SearchIndex:
+    """A map's `Neighbours` in the shape of umap-learn's search index, which its transform
+    queries for the neighbours of new points."""
+
+    _angular_trees = False
+
+    def __init__(self, neighbours: Neighbours):
+        self.neighbours = neighbours
+
+    def query(self, points, k, epsilon=None):
+        return self.neighbours.query(np.asarray(points, dtype=np.float32), k)
+
+
+def fit_umap(neighbours: Neighbours, device, threads: int = 1) -> tuple[np.ndarray, str, object]:
+    """(map positions [n, 2] of the fitted examples, which library fitted them, the fitted
+    reducer for placing new points by its transform): cuML's UMAP on a GPU where cuML is
+    installed, else umap-learn's on the neighbour graph given, seeded when `threads` is 1, else
+    on that many threads."""
     cuml = cuml_umap(device)
     if cuml is not None:
         reducer = cuml(n_neighbors=neighbours.k, min_dist=0.1, random_state=0)
-        return np.asarray(reducer.fit_transform(neighbours.fitted)), "cuml"
-    import warnings
-
+        return np.asarray(reducer.fit_transform(neighbours.fitted)), "cuml", reducer
     import umap  # numba compiles on first use: imported only when a map is made
 
     ids, dist = neighbours.graph()
     seed = dict(random_state=0) if threads == 1 else {}
-    with warnings.catch_warnings():  # "no search index: transform unavailable"; not used
-        warnings.simplefilter("ignore")
-        reducer = umap.UMAP(n_neighbors=neighbours.k, min_dist=0.1, n_jobs=threads,
-                            precomputed_knn=(ids, dist, None), **seed)  # fmt: skip
-        return reducer.fit_transform(neighbours.fitted), "umap-learn"
+    reducer = umap.UMAP(n_neighbors=neighbours.k, min_dist=0.1, n_jobs=threads,
+                        precomputed_knn=(ids, dist, SearchIndex(neighbours)), **seed)  # fmt: skip
+    return reducer.fit_transform(neighbours.fitted), "umap-learn", reducer
 
 
 def embedding_map(
@@ -197,7 +215,7 @@ def embedding_map(
     neighbours = Neighbours(pre[sample], min(15, len(sample) - 1), device)
     pre_xy = np.empty((m, 2), dtype=np.float32)
     threads = layout_threads(layout)
-    pre_xy[sample], library = fit_umap(neighbours, device, threads)
+    pre_xy[sample], library, reducer = fit_umap(neighbours, device, threads)
     if library == "cuml":
         layout = "cuml"
     elif threads == 1:
@@ -213,7 +231,7 @@ def embedding_map(
         pre_xy[rest] = interpolate(neighbours, pre_xy[sample], pre[rest])
         info["sample"] = "stratified by label" if labels is not None else "uniform"
         info["others"] = PLACED
-    test_xy = interpolate(neighbours, pre_xy[sample], test_rep)
-    info["tests"] = PLACED
+    test_xy = np.asarray(reducer.transform(test_rep)) if len(test_rep) else np.zeros((0, 2))
+    info["tests"] = "UMAP's transform"
     info["placed_s"] = round(time.perf_counter() - start, 2)
-    return pre_xy, test_xy, info
+    return pre_xy, test_xy.astype(np.float32), info

@@ -55,7 +55,7 @@ def test_examples_outside_the_sample_are_placed_near_their_neighbours(
     )  # fmt: skip
     assert info["fitted_on"] <= 610 and "nearest fitted" in info["others"]
     assert info["neighbours"] == ("exact" if exact_max > 610 else "pynndescent")
-    assert info["layout"].startswith(layout)
+    assert info["layout"].startswith(layout) and info["tests"] == "UMAP's transform"
     sample = fit_sample(3000, labels.astype(float), 600)
     placed = np.setdiff1d(np.arange(3000), sample)
     centroids = np.stack([xy[sample][labels[sample] == c].mean(0) for c in range(4)])
@@ -95,8 +95,8 @@ def test_cuml_fits_the_map_on_a_gpu_only_where_it_is_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuml.manifold", module)
     assert maps.cuml_umap("cuda") is FakeUMAP and maps.cuml_umap("cpu") is None
     fitted = np.arange(12.0).reshape(6, 2)
-    xy, library = fit_umap(Neighbours(fitted, 3, "cuda"), "cuda")
-    assert library == "cuml" and np.array_equal(xy, fitted * 3)
+    xy, library, reducer = fit_umap(Neighbours(fitted, 3, "cuda"), "cuda")
+    assert library == "cuml" and np.array_equal(xy, fitted * 3) and isinstance(reducer, FakeUMAP)
     monkeypatch.setitem(sys.modules, "cuml.manifold", None)  # not installed: umap-learn
     assert maps.cuml_umap("cuda") is None
 
