@@ -281,7 +281,7 @@ def _orthonormal_rows(z: torch.Tensor, rank_tol: float | None = None) -> torch.T
         return z
     rank_tol = rank_tol if rank_tol is not None else torch.finfo(z.dtype).eps ** 0.5
     q, r = torch.linalg.qr(z.T)
-    _, s, vh = torch.linalg.svd(r.T)
+    _, s, vh = torch.linalg.svd(r.T, full_matrices=False)
     keep = s > rank_tol * s[0]
     return vh[keep] @ q.T
 
