@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from precompute import MultiStageTask
+from precompute.config import MAP_LAYOUTS
 from precompute.pipeline import PrecomputeConfig, precompute
 
 FEATURES, PRETRAIN_CLASSES, FINETUNE_CLASSES = 32, 10, 5
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-maps", action="store_true")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--map-layout", default="auto", choices=["auto", "seeded", "parallel"])
+    parser.add_argument("--map-layout", default="auto", choices=MAP_LAYOUTS)
     args = parser.parse_args()
     start = time.perf_counter()
     task = ScaleTask(args.m)

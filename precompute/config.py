@@ -10,6 +10,7 @@ from precompute.curvature import CURVATURES, SOLVERS
 from precompute.task import SCENARIOS
 
 ENGINES = ("local", "ray")
+MAP_LAYOUTS = ("auto", "seeded", "parallel")  # --map-layout (precompute.maps.layout_threads)
 MAX_COUNT = 2**31 - 1  # ranks and counts are stored as int32
 
 
@@ -43,7 +44,7 @@ class PrecomputeConfig:
         _choice("--full-scores", self.full_scores, ("auto", "on", "off"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         _choice("--engine", self.engine, ENGINES)
-        _choice("--map-layout", self.map_layout, ("auto", "seeded", "parallel"))
+        _choice("--map-layout", self.map_layout, MAP_LAYOUTS)
         if self.damping != "auto":
             _real("--damping", self.damping, "a finite number >= 0, or auto", lambda d: d >= 0)
         _real("--cg-tol", self.cg_tol, "a number in (0, 1)", lambda t: 0 < t < 1)

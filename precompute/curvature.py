@@ -346,18 +346,12 @@ def _cg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor
 def _pcg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
     """Block PCG on the objective's curvature, preconditioned by its EK-FAC inverse, fitted
     once for this objective (two passes over its data)."""
-    from precompute.ekfac import EKFAC
-
-    # for a GGN system, EK-FAC of the GGN itself (precompute.ekfac.ggn_roots) rather than of the
-    # empirical Fisher: on the 5,829-parameter benchmark MLP it brought the largest eigenvalue
-    # of M^{-1} A from 65 to 11 (one sampled column), though not the condition number
-    fisher = "ggn" if objective.split is not None else "empirical"
-    curvature = EKFAC(objective, fisher=fisher).fit()
+    curvature = _fit_ekfac(objective)
     x, info = solve_pcg_hvp(
         objective.hvp, rhs, config.damping, curvature.preconditioner, config.cg_tol,
         config.cg_max_iter,
     )  # fmt: skip
-    preconditioner = "ekfac (GGN)" if fisher == "ggn" else "ekfac (empirical Fisher)"
+    preconditioner = "ekfac (GGN)" if curvature.fisher == "ggn" else "ekfac (empirical Fisher)"
     info.update(curvature=objective.curvature, preconditioner=preconditioner)
     info.update(_ekfac_layout(curvature))
     return x, info
@@ -367,17 +361,25 @@ def _ekfac(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Ten
     """X = (EK-FAC of the data term + diag(reg) + d I)^{-1} B (see precompute.ekfac); the data
     term is the Gauss-Newton matrix for --curvature ggn, else the empirical Fisher; damping
     "auto" is 1e-3 * the mean eigenvalue of the approximation."""
-    from precompute.ekfac import EKFAC
-
-    # --curvature ggn: EK-FAC of the Gauss-Newton matrix itself (precompute.ekfac.ggn_roots);
-    # else of the empirical Fisher, the only curvature EK-FAC has without the loss split
-    fisher = "ggn" if objective.split is not None else "empirical"
-    curvature = EKFAC(objective, fisher=fisher).fit()
+    curvature = _fit_ekfac(objective)
     mean = curvature.mean_eigenvalue()
     d = damping_for(config.damping, mean)
-    name = "Gauss-Newton (EK-FAC)" if fisher == "ggn" else "empirical Fisher (EK-FAC)"
+    name = "Gauss-Newton (EK-FAC)" if curvature.fisher == "ggn" else "empirical Fisher (EK-FAC)"
     info = solve_info("ekfac", rhs.shape[1], d, mean, name, **_ekfac_layout(curvature))
     return curvature.solve(rhs, d), info
+
+
+def _fit_ekfac(objective):
+    """EK-FAC fitted to the objective's curvature, for `ekfac` and as `pcg`'s preconditioner:
+    of the Gauss-Newton matrix itself (precompute.ekfac.ggn_roots) for a GGN system, else of
+    the empirical Fisher, the only curvature EK-FAC has without the loss split. (As pcg's
+    preconditioner of a GGN system, the GGN's EK-FAC brought the largest eigenvalue of M^{-1} A
+    from 65 to 11 on the 5,829-parameter benchmark MLP, one sampled column, though not the
+    condition number.)"""
+    from precompute.ekfac import EKFAC
+
+    fisher = "ggn" if objective.split is not None else "empirical"
+    return EKFAC(objective, fisher=fisher).fit()
 
 
 def _ekfac_layout(curvature) -> dict:

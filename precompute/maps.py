@@ -6,9 +6,10 @@ Pretraining examples outside the sample are placed by interpolation: the mean of
 positions of their `NEIGHBOURS` nearest fitted examples in the representation space, weighted by
 UMAP's membership strengths (as umap-learn's transform starts). The test examples are placed by
 UMAP's transform itself (that start, then a few epochs of its optimisation). One neighbour
-search serves UMAP's graph, the transform and the placement: exact on a GPU or for a small
-sample, else pynndescent (umap-learn's own). On a GPU with cuML installed, cuML's UMAP fits the
-map. How the map was made, and how long each part took, goes into the manifest."""
+search (`Neighbours`) serves UMAP's graph, its transform (as its search index) and the
+placement: exact on a GPU or for a small sample, else pynndescent (umap-learn's own). On a GPU
+with cuML installed, cuML's UMAP fits the map. How the map was made, and how long each part
+took, goes into the manifest."""
 
 from __future__ import annotations
 
@@ -80,7 +81,12 @@ class Neighbours:
             return nearest(self.fitted, self.fitted, self.k, self.device)
         return self.index.neighbor_graph
 
-    def query(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    _angular_trees = False  # read by umap-learn's transform, which takes this as its index
+
+    def query(self, points: np.ndarray, k: int, epsilon=None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, distances) [n, k] of each point's k nearest fitted examples; the signature of
+        umap-learn's search index (`epsilon`, its search breadth, unused)."""
+        points = np.asarray(points, dtype=np.float32)
         if self.exact:
             return nearest(self.fitted, points, k, self.device)
         if not self.prepared:  # the search structure, built on first query
@@ -157,19 +163,6 @@ def numba_threads() -> int:
     return int(numba.get_num_threads())
 
 
-class SearchIndex:
-    """A map's `Neighbours` in the shape of umap-learn's search index, which its transform
-    queries for the neighbours of new points."""
-
-    _angular_trees = False
-
-    def __init__(self, neighbours: Neighbours):
-        self.neighbours = neighbours
-
-    def query(self, points, k, epsilon=None):
-        return self.neighbours.query(np.asarray(points, dtype=np.float32), k)
-
-
 def fit_umap(neighbours: Neighbours, device, threads: int = 1) -> tuple[np.ndarray, str, object]:
     """(map positions [n, 2] of the fitted examples, which library fitted them, the fitted
     reducer for placing new points by its transform): cuML's UMAP on a GPU where cuML is
@@ -184,7 +177,7 @@ def fit_umap(neighbours: Neighbours, device, threads: int = 1) -> tuple[np.ndarr
     ids, dist = neighbours.graph()
     seed = dict(random_state=0) if threads == 1 else {}
     reducer = umap.UMAP(n_neighbors=neighbours.k, min_dist=0.1, n_jobs=threads,
-                        precomputed_knn=(ids, dist, SearchIndex(neighbours)), **seed)  # fmt: skip
+                        precomputed_knn=(ids, dist, neighbours), **seed)  # fmt: skip
     return reducer.fit_transform(neighbours.fitted), "umap-learn", reducer
 
 
@@ -217,13 +210,13 @@ def embedding_map(
     threads = layout_threads(layout)
     pre_xy[sample], library, reducer = fit_umap(neighbours, device, threads)
     if library == "cuml":
-        layout = "cuml"
+        made = "cuml"
     elif threads == 1:
-        layout = "seeded (one thread; the same map every run)"
+        made = "seeded (one thread; the same map every run)"
     else:
-        layout = f"parallel ({threads} threads; not reproducible)"
+        made = f"parallel ({threads} threads; not reproducible)"
     info = {"method": "umap", "library": library, "fitted_on": int(len(sample)),
-            "neighbours": "exact" if neighbours.exact else "pynndescent", "layout": layout,
+            "neighbours": "exact" if neighbours.exact else "pynndescent", "layout": made,
             "fit_s": round(time.perf_counter() - start, 2)}  # fmt: skip
     start = time.perf_counter()
     if len(sample) < m:
