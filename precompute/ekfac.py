@@ -1,8 +1,11 @@
 """Eigenvalue-corrected Kronecker-factored curvature (EK-FAC; George et al. 2018, as used for
 influence functions by Grosse et al. 2023).
 
-The data term of the Hessian is approximated by the empirical Fisher (1/n) sum_i G_i G_i^T,
-block-diagonal over layers. For a layer whose per-example weight gradient is G_i = sum_n g_n a_n^T
+The data term of the curvature is approximated by a second moment of gradients,
+(1/n) sum_i G_i G_i^T, block-diagonal over layers: of gradients J_i^T L_i e_k whose moment is the
+Gauss-Newton matrix (`ggn_roots`; the true Fisher for cross-entropy) when the loss splits into
+outputs and a convex loss of them, or of the task's own gradients (the empirical Fisher) when it
+does not. For a layer whose per-example weight gradient is G_i = sum_n g_n a_n^T
 (the dense rules of precompute.layers: nn.Linear, nn.Conv1d/Conv2d with a_n the unfolded input
 patch under output position n as in KFC (Grosse & Martens 2016), GPT-2's Conv1D; the bias as a
 column of ones appended to a; nn.Embedding, where a_n is the one-hot token), the block's
@@ -65,15 +68,16 @@ class EKFAC:
 
     def __init__(self, objective: Objective, fisher: str = "empirical", seed: int = 0):
         """`fisher`: "empirical" fits the gradients of the task's own losses; "ggn" fits
-        gradients whose second moment is the objective's Gauss-Newton matrix (see `ggn_roots`;
-        needs objective.split; one pass per output up to GGN_EXACT_OUTPUTS outputs, one
-        sampled pass past that), the better preconditioner of a GGN system."""
+        gradients whose second moment is the objective's Gauss-Newton matrix (needs
+        objective.split): one pass per output up to GGN_EXACT_OUTPUTS outputs per example
+        (`ggn_roots`, no noise), one pass with sampled output weights past that
+        (`ggn_samples`)."""
         self.objective = objective
         module_of, self.loss_fn = objective.model, objective.loss_fn
         self.fisher = fisher
         if fisher == "ggn":
             self.loss_fn = _sampled_loss(objective.split)
-            self._generator = torch.Generator(device=objective.device).manual_seed(seed)
+            self.seed = seed
         self.model, self.batch_size = module_of, objective.batch_size
         space = objective.space
         params = dict(module_of.named_parameters())
@@ -182,20 +186,28 @@ class EKFAC:
 
     def _batches(self, within: range | None = None):
         """The objective's data (the examples in `within`, default all) in batches; for the
-        "ggn" Fisher each batch carries its sampled output weights, (batch, w)."""
+        "ggn" Fisher each batch carries its output weights, (batch, w), a column of the loss
+        Hessian's root or a draw. Draws come from a generator seeded by the seed and the first
+        example, so a block's draws are the same wherever it is summed (here or on a worker of
+        precompute.ray_engine) and in both passes."""
         objective = self.objective
         stream = batches(objective.dataset, self.batch_size, objective.device, within=within)
         if self.fisher != "ggn":
             yield from stream
             return
+        split = self.objective.split
+        first = within.start if within is not None else 0
+        generator = torch.Generator(device=objective.device)
+        generator.manual_seed(self.seed * 1_000_003 + first)
         for batch in stream:
-            roots = ggn_roots(self.objective.split, self.model, batch)  # [B, K, K]
-            if roots.shape[-1] <= GGN_EXACT_OUTPUTS:  # every column: the exact GGN, no noise
+            with torch.no_grad():
+                outputs = split.outputs(self.model, batch)
+            if outputs[0].numel() <= GGN_EXACT_OUTPUTS:  # every column: the exact GGN, no noise
+                roots = ggn_roots(split, self.model, batch, outputs)  # [B, K, K]
                 for k in range(roots.shape[-1]):
                     yield [batch, roots[..., k]]
             else:
-                noise = torch.randn(roots.shape[:2], generator=self._generator).to(roots)
-                yield [batch, (roots @ noise[..., None]).squeeze(-1)]
+                yield [batch, ggn_samples(split, self.model, batch, generator, outputs)]
 
     @staticmethod
     def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:
@@ -312,7 +324,7 @@ class EKFAC:
         return torch.cat([out[n].reshape(q, -1) for n in space.names], 1)
 
 
-def ggn_roots(split, model: nn.Module, batch) -> torch.Tensor:
+def ggn_roots(split, model: nn.Module, batch, outputs: torch.Tensor | None = None) -> torch.Tensor:
     """L_i with L_i L_i^T = H_i, the Hessian of the loss in example i's outputs (from split;
     K = outputs per example): [B, K, K], by K forward-over-reverse products of the loss in the
     outputs, one per output coordinate for all examples at once (the loss is a sum of
@@ -322,9 +334,11 @@ def ggn_roots(split, model: nn.Module, batch) -> torch.Tensor:
     sum_k (J_i^T L_i e_k)(J_i^T L_i e_k)^T = J_i^T H_i J_i: an EK-FAC fitted on the gradients of
     every column of L_i is the EK-FAC of the Gauss-Newton matrix (for cross-entropy, of the true
     Fisher, where the task's own gradients give the empirical Fisher); with one sampled
-    e ~ N(0, I) per example it is that in expectation (Martens & Grosse 2015, Kronfluence)."""
-    with torch.no_grad():
-        outputs = split.outputs(model, batch)
+    e ~ N(0, I) per example it is that in expectation (Martens & Grosse 2015, Kronfluence).
+    `outputs`: split.outputs(model, batch), where already computed."""
+    if outputs is None:
+        with torch.no_grad():
+            outputs = split.outputs(model, batch)
     flat = outputs.reshape(len(outputs), -1)
     k = flat.shape[1]
 
@@ -338,10 +352,23 @@ def ggn_roots(split, model: nn.Module, batch) -> torch.Tensor:
     return vectors * values.clamp_min(0).sqrt()[:, None, :]
 
 
-def ggn_samples(split, model: nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
-    """Output weights w_i = L_i e_i, e_i ~ N(0, I) (see ggn_roots): E[w_i w_i^T] = H_i. [B, K]"""
-    roots = ggn_roots(split, model, batch)
-    noise = torch.randn(roots.shape[:2], generator=generator).to(roots)
+def ggn_samples(
+    split, model: nn.Module, batch, generator: torch.Generator, outputs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Output weights w_i with E[w_i w_i^T] = H_i, the loss Hessian in the outputs: [B, K].
+    In closed form where the split knows its loss (split.sample: a label drawn from the model
+    for cross-entropy, scaled Gaussian noise for squared error; O(K) per example), else
+    w_i = L_i e_i, e_i ~ N(0, I), from `ggn_roots` (K products and a K x K eigendecomposition
+    per example, which for K in the hundreds costs far more than the fit's pass)."""
+    if outputs is None:
+        with torch.no_grad():
+            outputs = split.outputs(model, batch)
+    if split.sample is not None:
+        return split.sample(outputs, batch, generator).reshape(len(outputs), -1)
+    roots = ggn_roots(split, model, batch, outputs)
+    noise = torch.randn(
+        roots.shape[:2], generator=generator, device=roots.device, dtype=roots.dtype
+    )  # fmt: skip
     return (roots @ noise[..., None]).squeeze(-1)
 
 

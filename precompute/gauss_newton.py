@@ -44,13 +44,36 @@ def _squared(reduce: str, half: bool) -> Callable[[torch.Tensor, Any], torch.Ten
     return loss
 
 
+def _cross_entropy_sample(outputs: torch.Tensor, batch: Any, generator) -> torch.Tensor:
+    """w = p - e_y, y ~ softmax(f): E[w w^T] = diag(p) - p p^T, the Hessian of cross-entropy in
+    the logits (a label drawn from the model: the true Fisher, as Kronfluence samples it)."""
+    p = outputs.softmax(-1)
+    drawn = torch.multinomial(p, 1, generator=generator)
+    return p - torch.zeros_like(p).scatter_(1, drawn, 1.0)
+
+
+def _squared_sample(reduce: str, half: bool):
+    """w = sqrt(c) e, e ~ N(0, I): E[w w^T] = c I, the Hessian of the squared error, with
+    c = (1 if half else 2) / (outputs per example if the mean else 1)."""
+
+    def sample(outputs: torch.Tensor, batch: Any, generator) -> torch.Tensor:
+        flat = outputs.reshape(len(outputs), -1)
+        c = (1.0 if half else 2.0) / (flat.shape[1] if reduce == "mean" else 1)
+        noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+        return c**0.5 * noise
+
+    return sample
+
+
+_SQUARED = [(reduce, half) for reduce in ("sum", "mean") for half in (False, True)]
 STANDARD_LOSSES = {
     "cross-entropy": _cross_entropy,
-    **{
-        f"{'half ' if half else ''}squared error ({reduce})": _squared(reduce, half)
-        for reduce in ("sum", "mean")
-        for half in (False, True)
-    },
+    **{f"{'half ' if h else ''}squared error ({r})": _squared(r, h) for r, h in _SQUARED},
+}
+# per standard loss: draws with the loss Hessian in the outputs as second moment
+STANDARD_SAMPLES = {
+    "cross-entropy": _cross_entropy_sample,
+    **{f"{'half ' if h else ''}squared error ({r})": _squared_sample(r, h) for r, h in _SQUARED},
 }
 
 
@@ -87,7 +110,7 @@ def loss_split(task: MultiStageTask, stage: str, model: torch.nn.Module, batch: 
     outputs, where = _standard_outputs(task, stage)
     if isinstance(batch, list | tuple) and len(batch) >= 2:
         for name, h in STANDARD_LOSSES.items():
-            split = LossSplit(outputs, h, f"{name} of {where}")
+            split = LossSplit(outputs, h, f"{name} of {where}", STANDARD_SAMPLES[name])
             if _agrees(split, model, batch, expected):
                 return split
     raise TaskError(

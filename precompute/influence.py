@@ -38,7 +38,7 @@ from precompute.objective import (
     functional_loss,
     per_example_grads,
 )
-from precompute.task import MultiStageTask
+from precompute.task import MultiStageTask, TaskError
 
 
 @dataclass
@@ -76,13 +76,18 @@ def curvature_objective(
     batch_size: int,
 ) -> Objective:
     """The objective of a `stage` ("pretrain" or "finetune") system whose inverse is solved, with
-    the curvature of `config`; for "ggn", the task's loss split (precompute.gauss_newton),
-    checked on a first batch of `data`."""
+    the curvature of `config` and the task's loss split (precompute.gauss_newton), checked on a
+    first batch of `data`. The GGN needs the split (a TaskError without one); for the Hessian it
+    is optional and serves EK-FAC (`ekfac`, `pcg`), which then fits the Gauss-Newton matrix, the
+    true Fisher for cross-entropy, rather than the empirical Fisher (see precompute.ekfac)."""
     loss_fn: LossFn = getattr(task, f"{stage}_loss")
-    split = None
-    if config.curvature == "ggn":
-        first = next(batches(data, min(8, len(data)), next(model.parameters()).device))
+    first = next(batches(data, min(8, len(data)), next(model.parameters()).device))
+    try:
         split = loss_split(task, stage, model, first)
+    except TaskError:
+        if config.curvature == "ggn":
+            raise
+        split = None
     return Objective(
         model, loss_fn, data, space, reg, batch_size, curvature=config.curvature, split=split
     )

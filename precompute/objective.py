@@ -189,15 +189,22 @@ class LossSplit:
 
     `outputs(model, batch)` is the network function f [B, ...] (e.g. logits);
     `loss_of_outputs(outputs, batch)` the per-example loss h [B]. `source` says where the split
-    came from (the task's hooks, or the standard loss it was recognised as)."""
+    came from (the task's hooks, or the standard loss it was recognised as). `sample(outputs,
+    batch, generator)`, where known (the standard losses), draws w_i [B, K] (K = outputs per
+    example) with E[w_i w_i^T] = d2h/df2 at f_i in closed form, for EK-FAC's sampled fit."""
 
     outputs: LossFn
     loss_of_outputs: Callable[[torch.Tensor, Any], torch.Tensor]
     source: str = "hooks"
+    sample: Callable[[torch.Tensor, Any, torch.Generator], torch.Tensor] | None = None
 
 
 CURVATURES = ("hessian", "ggn")
-PRODUCT_BUDGET = 2**27  # activation entries (vectors x examples x per-example activations)
+# activation entries (vectors x examples x per-example activations) of a product's batch: on a
+# CPU small enough for the caches (2**27 ran 1.4-2.1x slower than 2**22 on three models,
+# benchmarks/products.py); on a GPU large, for fewer kernel launches
+PRODUCT_BUDGET = 2**22
+GPU_PRODUCT_BUDGET = 2**27
 SUM_BLOCKS = 64  # a sum over the data is taken in at most this many blocks, added in order
 
 
@@ -298,12 +305,13 @@ class Objective:
     def product_batch(self, rows: int) -> int:
         """Examples per batch of a curvature product over `rows` vectors: at least batch_size,
         and more (up to all n) while vectors x examples x activations per example stays within
-        PRODUCT_BUDGET. Small models gain most: the cost of a vmapped product is then mostly
-        per-batch overhead, and one large batch runs several times faster than many small."""
+        the budget (PRODUCT_BUDGET on a CPU, GPU_PRODUCT_BUDGET on a GPU). Small models gain
+        most: a vmapped product over a few examples is mostly per-batch overhead."""
         if self._activations is None:
             first = next(batches(self.dataset, min(4, self.n), self.device))
             self._activations = activation_size(self.model, self.loss_fn, first)
-        fits = PRODUCT_BUDGET // (min(rows, self.rhs_chunk) * self._activations)
+        budget = GPU_PRODUCT_BUDGET if self.device.type == "cuda" else PRODUCT_BUDGET
+        fits = budget // (min(rows, self.rhs_chunk) * self._activations)
         return max(self.batch_size, min(self.n, fits))
 
     @property

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_task import BrieflyTrainedTask, TinyNet, TinyTask
+from tiny_task import BrieflyTrainedTask, TinyNet, TinyTask, minimise
 
 from precompute.cli import main
 from precompute.curvature import explicit_hessian
@@ -250,6 +250,35 @@ def test_sampled_output_weights_have_the_loss_hessian_as_second_moment():
     torch.testing.assert_close(second, hessian, rtol=0, atol=0.02 * hessian.abs().max().item())
 
 
+@pytest.mark.parametrize("name", list(STANDARD_LOSSES))
+def test_closed_form_samples_have_the_loss_hessian_as_second_moment(name):
+    """The standard losses draw w in O(K) (a label from the model for cross-entropy, noise for
+    squared error) instead of K products and an eigendecomposition per example: the second
+    moment is the same loss Hessian L L^T that ggn_roots computes."""
+    from precompute.ekfac import ggn_roots, ggn_samples
+    from precompute.gauss_newton import STANDARD_SAMPLES
+
+    model, data = model_and_data(n=4)
+    x, y = data.tensors
+    if name != "cross-entropy":  # float targets shaped like the outputs
+        y = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    split = LossSplit(logits_of, STANDARD_LOSSES[name], name, STANDARD_SAMPLES[name])
+    batch = [x.repeat(20000, 1), y.repeat(20000, *[1] * (y.dim() - 1))]
+    w = ggn_samples(split, model, batch, torch.Generator().manual_seed(0)).reshape(20000, 4, 3)
+    second = torch.einsum("sbi,sbj->bij", w, w) / 20000
+    roots = ggn_roots(LossSplit(logits_of, STANDARD_LOSSES[name]), model, [x, y])
+    hessian = roots @ roots.transpose(1, 2)
+    torch.testing.assert_close(second, hessian, rtol=0, atol=0.03 * hessian.abs().max().item())
+
+
+def test_a_recognised_loss_brings_its_sampler():
+    task = TinyTask()
+    split = loss_split(task, "pretrain", task.pretrained_model(), task.pretrain_data()[:8])
+    from precompute.gauss_newton import STANDARD_SAMPLES
+
+    assert split.sample is STANDARD_SAMPLES["cross-entropy"]
+
+
 def test_pcg_on_the_ggn_fits_its_preconditioner_to_the_ggn():
     from precompute.curvature import SolveConfig, solve
 
@@ -284,3 +313,83 @@ def test_ekfac_on_the_ggn_approximates_the_ggn_not_the_empirical_fisher():
     assert info["curvature"] == "empirical Fisher (EK-FAC)"
     error = [float((s - exact).norm() / exact.norm()) for s in (fitted, empirical)]
     assert error[0] < 0.6 * error[1] and error[0] < 0.5, error  # [0.36, 0.70] when written
+
+
+def test_ekfac_of_the_hessian_fits_the_true_fisher_where_the_loss_splits():
+    """Solving with the Hessian, `ekfac` still fits EK-FAC to the Gauss-Newton matrix (for
+    cross-entropy the true Fisher) when the loss splits. At the optimum of a confident, right
+    model the Hessian is nearly that matrix, while the empirical Fisher is far smaller (an
+    example predicted with probability 1 - e gives it O(e^2) against the Fisher's O(e)), so its
+    EK-FAC inverse is far too large. Right-hand sides: training examples' gradients."""
+    from precompute.curvature import SolveConfig, solve
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(4, 3, generator=g, dtype=torch.float64)).argmax(1)  # separable
+    torch.manual_seed(0)
+    model = TinyNet(3, hidden=6).double()
+    reg = 1e-3
+
+    def objective():
+        penalty = sum((p**2).sum() for p in model.parameters())
+        return F.cross_entropy(model(x), y) + reg / 2 * penalty
+
+    minimise(objective, list(model.parameters()))
+    data = torch.utils.data.TensorDataset(x, y)
+    hessian = objective_for(model, data, reg=reg, curvature="hessian")
+    single = torch.func.grad(lambda t, xi, yi: hessian.loss(t, (xi[None], yi[None]))[0])
+    rhs = torch.func.vmap(single, (None, 0, 0))(hessian.theta, x[:8], y[:8])
+    dense = explicit_hessian(hessian.hvp, hessian.size, rhs)
+    assert torch.linalg.eigvalsh(dense)[0] > 0  # at the optimum
+    exact = torch.linalg.solve(dense, rhs.T).T
+    fitted, info = solve(hessian, rhs, SolveConfig("ekfac", 0.0))
+    assert info["curvature"] == "Gauss-Newton (EK-FAC)"
+    unsplit = objective_for(model, data, reg=reg, curvature="hessian", split=None)
+    empirical, info = solve(unsplit, rhs, SolveConfig("ekfac", 0.0))
+    assert info["curvature"] == "empirical Fisher (EK-FAC)"
+    error = [float((s - exact).norm() / exact.norm()) for s in (fitted, empirical)]
+    scale = [float(s.norm() / exact.norm()) for s in (fitted, empirical)]
+    # when written: errors [0.90, 2.40], scales [0.985, 2.82]
+    assert error[1] > 2 * error[0], error
+    assert 0.7 < scale[0] < 1.4 and scale[1] > 2, scale
+
+
+def test_a_hessian_system_takes_the_split_when_there_is_one_and_runs_without_it():
+    """curvature_objective attaches the recognised split to a Hessian system (for EK-FAC), and a
+    loss that does not split leaves the Hessian solvers working, on the empirical Fisher."""
+    from precompute.curvature import SolveConfig
+    from precompute.influence import curvature_objective
+
+    config = SolveConfig("ekfac")
+    for task, source in ((TinyTask(), "cross-entropy of model(batch[0])"), (UnsplitTask(), None)):
+        model = task.pretrained_model()
+        space = ParamSpace.of(model, [n for n, _ in model.named_parameters()])
+        reg = torch.zeros(space.size, dtype=torch.float64)
+        objective = curvature_objective(
+            task, "pretrain", model, task.pretrain_data(), space, reg, config, 16
+        )
+        assert objective.curvature == "hessian"
+        assert (objective.split.source if objective.split else None) == source
+
+
+def test_sampled_fit_draws_depend_on_the_block_alone():
+    """Past GGN_EXACT_OUTPUTS outputs the EK-FAC fit draws output weights from a generator
+    seeded by the block's first example: a block gives the same sums whatever was summed before
+    it, so blocks summed on Ray workers equal the local fit's."""
+    from precompute.ekfac import EKFAC, GGN_EXACT_OUTPUTS
+
+    torch.manual_seed(0)
+    model = TinyNet(GGN_EXACT_OUTPUTS + 4).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, GGN_EXACT_OUTPUTS + 4, (64,), generator=g)
+    split = loss_split(TinyTask(), "pretrain", model, (x[:8], y[:8]))
+    objective = objective_for(model, torch.utils.data.TensorDataset(x, y), split=split)
+    fitter = EKFAC(objective, fisher="ggn")
+    first = fitter.partial("factors", None, range(16, 48))
+    fitter.partial("factors", None, range(0, 16))
+    again = fitter.partial("factors", None, range(16, 48))
+    other = fitter.partial("factors", None, range(32, 64))
+    for (a, s), (a2, s2), (_, s3) in zip(first, again, other, strict=True):
+        assert torch.equal(a, a2) and torch.equal(s, s2)
+        assert not torch.equal(s, s3)
