@@ -395,11 +395,15 @@ def _fit_ekfac(objective, fisher: str | None = None):
     example predicted with probability 1 - e contributes O(e^2) where the Fisher has O(e),
     Kunstner et al. 2019), and its inverse far too large. On a briefly trained 32-64-16 MLP
     (benchmarks/scale.py), the FIXED scenario's head solved by the empirical Fisher's EK-FAC
-    was 13x the GGN solve at Pearson -0.04 against it; by the GGN's EK-FAC, 1.5x at 0.57."""
-    from precompute.ekfac import EKFAC
+    was 13x the GGN solve at Pearson -0.04 against it; by the GGN's EK-FAC, 1.5x at 0.57.
+    For a Hessian system the GGN is taken only where its fit stays cheap
+    (precompute.ekfac.ggn_fit_is_cheap): a task's hooks with many outputs per example, such as
+    a language model's logits, would build each example's loss Hessian."""
+    from precompute.ekfac import EKFAC, ggn_fit_is_cheap
 
     if fisher is None:
-        fisher = "ggn" if objective.split is not None else "empirical"
+        cheap = objective.curvature == "ggn" or ggn_fit_is_cheap(objective)
+        fisher = "ggn" if objective.split is not None and cheap else "empirical"
     return EKFAC(objective, fisher=fisher).fit()
 
 

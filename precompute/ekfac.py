@@ -324,6 +324,21 @@ class EKFAC:
         return torch.cat([out[n].reshape(q, -1) for n in space.names], 1)
 
 
+def ggn_fit_is_cheap(objective: Objective) -> bool:
+    """Whether EK-FAC of the objective's Gauss-Newton matrix costs a pass or a few: its loss
+    split draws output weights in closed form (the standard losses), or has at most
+    GGN_EXACT_OUTPUTS outputs per example. Past that, a split from hooks would take `ggn_roots`'
+    K products and K x K eigendecomposition per example."""
+    split = objective.split
+    if split is None:
+        return False
+    if split.sample is not None:
+        return True
+    first = next(batches(objective.dataset, 1, objective.device))
+    with torch.no_grad():
+        return split.outputs(objective.model, first)[0].numel() <= GGN_EXACT_OUTPUTS
+
+
 def ggn_roots(split, model: nn.Module, batch, outputs: torch.Tensor | None = None) -> torch.Tensor:
     """L_i with L_i L_i^T = H_i, the Hessian of the loss in example i's outputs (from split;
     K = outputs per example): [B, K, K], by K forward-over-reverse products of the loss in the

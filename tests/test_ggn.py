@@ -393,3 +393,20 @@ def test_sampled_fit_draws_depend_on_the_block_alone():
     for (a, s), (a2, s2), (_, s3) in zip(first, again, other, strict=True):
         assert torch.equal(a, a2) and torch.equal(s, s2)
         assert not torch.equal(s, s3)
+
+
+def test_a_hessian_system_keeps_the_empirical_fisher_where_the_ggn_fit_is_dear():
+    """Hooks with many outputs per example (a language model's logits) and no closed-form
+    draws: for a Hessian system EK-FAC keeps the empirical Fisher rather than build every
+    example's loss Hessian; asked for the GGN (--curvature ggn), it fits the GGN."""
+    from precompute.curvature import _fit_ekfac
+    from precompute.ekfac import GGN_EXACT_OUTPUTS
+
+    model, data = model_and_data()
+    wide = TinyNet(GGN_EXACT_OUTPUTS + 1).double()
+    hooks = LossSplit(logits_of, STANDARD_LOSSES["cross-entropy"], "hooks")  # no sampler
+    assert _fit_ekfac(objective_for(wide, data, split=hooks, curvature="hessian")).fisher == (
+        "empirical"
+    )
+    assert _fit_ekfac(objective_for(wide, data, split=hooks, curvature="ggn")).fisher == "ggn"
+    assert _fit_ekfac(objective_for(model, data, split=hooks, curvature="hessian")).fisher == "ggn"
