@@ -401,9 +401,9 @@ def _fit_ekfac(objective, fisher: str | None = None):
     a language model's logits, would build each example's loss Hessian."""
     from precompute.ekfac import EKFAC, ggn_fit_is_cheap
 
-    if fisher is None:
+    if fisher is None:  # a GGN system always has its split (Objective checks)
         cheap = objective.curvature == "ggn" or ggn_fit_is_cheap(objective)
-        fisher = "ggn" if objective.split is not None and cheap else "empirical"
+        fisher = "ggn" if cheap else "empirical"
     return EKFAC(objective, fisher=fisher).fit()
 
 

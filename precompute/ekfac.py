@@ -200,9 +200,8 @@ class EKFAC:
         generator = torch.Generator(device=objective.device)
         generator.manual_seed(self.seed * 1_000_003 + first)
         for batch in stream:
-            with torch.no_grad():
-                outputs = split.outputs(self.model, batch)
-            if outputs[0].numel() <= GGN_EXACT_OUTPUTS:  # every column: the exact GGN, no noise
+            outputs = network_outputs(split, self.model, batch)
+            if every_column(outputs):  # the exact GGN, no noise
                 roots = ggn_roots(split, self.model, batch, outputs)  # [B, K, K]
                 for k in range(roots.shape[-1]):
                     yield [batch, roots[..., k]]
@@ -335,8 +334,19 @@ def ggn_fit_is_cheap(objective: Objective) -> bool:
     if split.sample is not None:
         return True
     first = next(batches(objective.dataset, 1, objective.device))
+    return every_column(network_outputs(split, objective.model, first))
+
+
+def every_column(outputs: torch.Tensor) -> bool:
+    """Whether the GGN fit takes every column of the loss Hessian's root for these outputs
+    [B, ...] (at most GGN_EXACT_OUTPUTS per example), rather than one draw."""
+    return outputs[0].numel() <= GGN_EXACT_OUTPUTS
+
+
+def network_outputs(split, model: nn.Module, batch) -> torch.Tensor:
+    """split.outputs(model, batch), the network function f, without recording a graph."""
     with torch.no_grad():
-        return split.outputs(objective.model, first)[0].numel() <= GGN_EXACT_OUTPUTS
+        return split.outputs(model, batch)
 
 
 def ggn_roots(split, model: nn.Module, batch, outputs: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,10 +360,8 @@ def ggn_roots(split, model: nn.Module, batch, outputs: torch.Tensor | None = Non
     every column of L_i is the EK-FAC of the Gauss-Newton matrix (for cross-entropy, of the true
     Fisher, where the task's own gradients give the empirical Fisher); with one sampled
     e ~ N(0, I) per example it is that in expectation (Martens & Grosse 2015, Kronfluence).
-    `outputs`: split.outputs(model, batch), where already computed."""
-    if outputs is None:
-        with torch.no_grad():
-            outputs = split.outputs(model, batch)
+    `outputs`: network_outputs(split, model, batch), where already computed."""
+    outputs = network_outputs(split, model, batch) if outputs is None else outputs
     flat = outputs.reshape(len(outputs), -1)
     k = flat.shape[1]
 
@@ -375,9 +383,7 @@ def ggn_samples(
     for cross-entropy, scaled Gaussian noise for squared error; O(K) per example), else
     w_i = L_i e_i, e_i ~ N(0, I), from `ggn_roots` (K products and a K x K eigendecomposition
     per example, which for K in the hundreds costs far more than the fit's pass)."""
-    if outputs is None:
-        with torch.no_grad():
-            outputs = split.outputs(model, batch)
+    outputs = network_outputs(split, model, batch) if outputs is None else outputs
     if split.sample is not None:
         return split.sample(outputs, batch, generator).reshape(len(outputs), -1)
     roots = ggn_roots(split, model, batch, outputs)
