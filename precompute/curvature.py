@@ -163,7 +163,7 @@ def solve_cg(
     d = damping_for(damping, mean)
 
     def damped(v: torch.Tensor) -> torch.Tensor:
-        return hvp(v) + d * v
+        return hvp(v).add_(v, alpha=d)
 
     x = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -259,14 +259,15 @@ def block_pcg(
             negative |= active
             break
         inverse = (vectors / eigenvalues) @ vectors.T  # (P^T A P)^{-1}, [k, k] float64
-        alpha = (r.double() @ p.T.double() @ inverse).to(rhs.dtype)  # rows: [Q, k]
+        # the [Q, k] products in the working dtype, like the Gram: only the k x k solve in float64
+        alpha = ((r @ p.T).double() @ inverse).to(rhs.dtype)  # rows: [Q, k]
         x += alpha @ p
         r -= alpha @ ap
         active = r.norm(dim=1) > target
         if not active.any():
             break
         z = precondition(r)
-        beta = (z.double() @ ap.T.double() @ inverse).to(rhs.dtype)  # [Q, k]
+        beta = ((z @ ap.T).double() @ inverse).to(rhs.dtype)  # [Q, k]
         p = _orthonormal_rows(_unit_rows(z - beta @ p))
     bar.close()
     info = _iterative_info(r, rhs, tol, iterations, negative, lowest)
@@ -284,15 +285,20 @@ def _orthonormal_rows(z: torch.Tensor, rank_tol: float | None = None) -> torch.T
     singular value is below rank_tol (default sqrt(eps) in z's dtype) times the largest: the
     deflation of block CG.
 
-    The SVD by way of a QR factorisation (z^T = Q R, then R^T = U S V^T, so z = U S (Q V)^T):
-    as accurate as an SVD of z, and for k << p a few times faster (2 p k^2 operations)."""
+    From the Gram matrix in float64: z z^T = U S^2 U^T, the basis S^{-1} U^T z over the kept
+    directions. Squaring the singular values costs nothing in float64 here: the smallest kept
+    is sqrt(eps) of the largest in z's dtype, so the basis is orthonormal to about
+    eps_64 / eps (2e-9 for float32 z). One matrix product (2 p k^2 operations at full speed)
+    where a QR factorisation of z^T took three times as long: 0.077 s against 0.235 s for news'
+    100 x 102,565 float64 block."""
     if not len(z):
         return z
     rank_tol = rank_tol if rank_tol is not None else torch.finfo(z.dtype).eps ** 0.5
-    q, r = torch.linalg.qr(z.T)
-    _, s, vh = torch.linalg.svd(r.T, full_matrices=False)
-    keep = s > rank_tol * s[0]
-    return vh[keep] @ q.T
+    wide = z.double()
+    squares, u = torch.linalg.eigh(wide @ wide.T)
+    keep = squares > (rank_tol**2) * squares[-1].clamp_min(torch.finfo(wide.dtype).tiny)
+    coefficients = u[:, keep] / squares[keep].sqrt()
+    return (coefficients.T @ wide).to(z.dtype)
 
 
 def solve_pcg_hvp(
@@ -319,13 +325,13 @@ def solve_pcg_hvp(
     def first(p: torch.Tensor) -> torch.Tensor:
         nonlocal mean
         if mean is not None:
-            return hvp(p) + d * p
+            return hvp(p).add_(p, alpha=d)
         both = hvp(torch.cat([p, probes]))
         mean = (probes * both[len(p) :]).sum(1).mean().item() / size
-        return both[: len(p)] + d * p
+        return both[: len(p)].add_(p, alpha=d)
 
     x, convergence = block_pcg(
-        lambda v: hvp(v) + d * v,
+        lambda v: hvp(v).add_(v, alpha=d),
         rhs,
         lambda r: precondition(r, d),
         tol,

@@ -200,11 +200,12 @@ class LossSplit:
 
 
 CURVATURES = ("hessian", "ggn")
-# activation entries (vectors x examples x per-example activations) of a product's batch: on a
+# activation entries (vectors x examples x per-example activations) of one vmapped product: on a
 # CPU small enough for the caches (2**27 ran 1.4-2.1x slower than 2**22 on three models,
 # benchmarks/products.py); on a GPU large, for fewer kernel launches
 PRODUCT_BUDGET = 2**22
 GPU_PRODUCT_BUDGET = 2**27
+MAX_PRODUCT_VECTORS = 256  # vectors in one vmapped product at most
 SUM_BLOCKS = 64  # a sum over the data is taken in at most this many blocks, added in order
 
 
@@ -290,9 +291,7 @@ class Objective:
         self.device = self.theta.device
         self.reg = reg.to(self.theta)
         self.batch_size = batch_size
-        # vectors per vmapped product: many for small models (fewer, larger kernels), few for
-        # large ones, whose per-vector activations would otherwise take gigabytes
-        self.rhs_chunk = rhs_chunk or max(1, min(256, 2**22 // max(1, space.size)))
+        self.rhs_chunk = rhs_chunk  # vectors per vmapped product; None: see product_shape
         self.loss = functional_loss(model, loss_fn, space)
         self.curvature = curvature
         self.split = split
@@ -302,17 +301,35 @@ class Objective:
         # on other workers (precompute.ray_engine.RayCurvature), or None: this process
         self.sharded = None
 
-    def product_batch(self, rows: int) -> int:
-        """Examples per batch of a curvature product over `rows` vectors: at least batch_size,
-        and more (up to all n) while vectors x examples x activations per example stays within
-        the budget (PRODUCT_BUDGET on a CPU, GPU_PRODUCT_BUDGET on a GPU). Small models gain
-        most: a vmapped product over a few examples is mostly per-batch overhead."""
+    def product_shape(self, rows: int) -> tuple[int, int]:
+        """(vectors per vmapped product, examples per batch) of a curvature product over `rows`
+        vectors, so that vectors x examples x activations per example stays within the budget
+        (PRODUCT_BUDGET on a CPU, GPU_PRODUCT_BUDGET on a GPU): as many vectors as fit beside
+        batch_size examples (at most MAX_PRODUCT_VECTORS, and at most budget / p, whose
+        [vectors, p] results every batch adds), in equal parts, then as many examples as fit
+        beside them, up to all n, and at least batch_size. Small models gain from large batches
+        (a vmapped product over a few examples is mostly per-batch overhead); a model with large
+        activations per example takes fewer vectors at a time rather than outgrow the caches:
+        news' UPDATED product, one vector at a time over its 300 articles, ran 2.2x faster than
+        40 at a time over 256 (benchmarks/products.py measures both rules side by side)."""
         if self._activations is None:
             first = next(batches(self.dataset, min(4, self.n), self.device))
             self._activations = activation_size(self.model, self.loss_fn, first)
         budget = GPU_PRODUCT_BUDGET if self.device.type == "cuda" else PRODUCT_BUDGET
-        fits = budget // (min(rows, self.rhs_chunk) * self._activations)
-        return max(self.batch_size, min(self.n, fits))
+        vectors = self.rhs_chunk or min(
+            rows,
+            MAX_PRODUCT_VECTORS,
+            budget // max(1, self.size),
+            budget // (self.batch_size * self._activations),
+        )
+        rows = max(1, rows)
+        vectors = -(-rows // -(-rows // max(1, vectors)))  # equal parts: 50 + 50, not 95 + 5
+        examples = budget // (vectors * self._activations)
+        return vectors, max(self.batch_size, min(self.n, examples))
+
+    def product_batch(self, rows: int) -> int:
+        """Examples per batch of a curvature product over `rows` vectors (`product_shape`)."""
+        return self.product_shape(rows)[1]
 
     @property
     def size(self) -> int:
@@ -326,7 +343,8 @@ class Objective:
         batches of `size` (default product_batch), for each row v of vectors [Q, p] (double
         backward)."""
         out = torch.zeros_like(vectors)
-        size = size or self.product_batch(len(vectors))
+        chunk, chosen = self.product_shape(len(vectors))
+        size = size or chosen
         for batch in batches(self.dataset, size, self.device, within=within):
 
             def grad_sum(theta, batch=batch):
@@ -334,9 +352,9 @@ class Objective:
 
             with second_order():
                 _, vjp = torch.func.vjp(grad_sum, self.theta)
-                for start in range(0, len(vectors), self.rhs_chunk):
-                    chunk = vectors[start : start + self.rhs_chunk]
-                    out[start : start + len(chunk)] += torch.func.vmap(vjp)(chunk)[0]
+                for start in range(0, len(vectors), chunk):
+                    part = vectors[start : start + chunk]
+                    out[start : start + len(part)] += torch.func.vmap(vjp)(part)[0]
         return out
 
     @torch.no_grad()
@@ -349,7 +367,8 @@ class Objective:
         product with J^T, vmapped over the rows."""
         split = self.split
         out = torch.zeros_like(vectors)
-        size = size or self.product_batch(len(vectors))
+        chunk, chosen = self.product_shape(len(vectors))
+        size = size or chosen
         for batch in batches(self.dataset, size, self.device, within=within):
 
             def network(theta, batch=batch):
@@ -366,9 +385,9 @@ class Objective:
                     hjv = torch.func.jvp(loss_grad, (outputs,), (jv,))[1]
                     return vjp(hjv)[0]
 
-                for start in range(0, len(vectors), self.rhs_chunk):
-                    chunk = vectors[start : start + self.rhs_chunk]
-                    out[start : start + len(chunk)] += torch.func.vmap(product)(chunk)
+                for start in range(0, len(vectors), chunk):
+                    part = vectors[start : start + chunk]
+                    out[start : start + len(part)] += torch.func.vmap(product)(part)
         return out
 
     def data_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -406,7 +425,7 @@ class Objective:
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """C @ v for each row v of vectors [Q, p], C = the chosen curvature of F: the data term's
         Hessian or GGN, plus diag(reg) (quadratic, so exact in both)."""
-        return self.data_curvature(vectors) + vectors * self.reg
+        return self.data_curvature(vectors).addcmul_(vectors, self.reg)
 
     def per_example_grads(self, dataset: Dataset) -> torch.Tensor:
         """d loss(x)/dtheta for every x in dataset, [len(dataset), p] (no regulariser)."""

@@ -11,6 +11,7 @@ from precompute.curvature import (
     SOLVER_TABLE,
     SOLVERS,
     SolveConfig,
+    _orthonormal_rows,
     block_pcg,
     resolve,
     solve,
@@ -86,6 +87,19 @@ def test_dependent_and_zero_rows_are_deflated_not_a_breakdown():
     assert info["block_sizes"][0] == 3  # six rows, three independent directions
     torch.testing.assert_close(x, torch.linalg.solve(a, b.T).T, rtol=1e-7, atol=1e-12)
     assert info["unconverged_rows"] == []
+
+
+def test_orthonormal_rows_span_the_svd_basis_and_drop_what_rounding_makes():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 500, generator=g)
+    near = z[:2] * 3 + 1e-6 * torch.randn(2, 500, generator=g)  # copies up to float32 noise
+    basis = _orthonormal_rows(torch.cat([z, near]))
+    assert basis.dtype == torch.float32 and len(basis) == 6
+    torch.testing.assert_close(basis @ basis.T, torch.eye(6), atol=1e-6, rtol=0)
+    top = torch.linalg.svd(z.double(), full_matrices=False)[2]  # [6, 500]
+    projected = top @ basis.double().T @ basis.double()
+    torch.testing.assert_close(projected, top, atol=1e-6, rtol=0)
+    assert len(_orthonormal_rows(torch.zeros(3, 10))) == 0
 
 
 def test_negative_curvature_stops_and_names_every_active_row():

@@ -81,7 +81,9 @@ def test_the_pretraining_solve_on_ray_equals_the_local_solve(
     from precompute import ekfac, objective
 
     # batches of 16 (the configured size) for products and EK-FAC: 13 blocks over two workers
-    monkeypatch.setattr(objective, "PRODUCT_BUDGET", 1)
+    monkeypatch.setattr(
+        objective.Objective, "product_shape", lambda self, rows: (max(1, rows), self.batch_size)
+    )
     monkeypatch.setattr(ekfac, "FIT_BUDGET", 1)
     from precompute.ray_engine import RayCurvature
 
