@@ -1,8 +1,11 @@
-"""Benchmark: the EK-FAC fit on the benchmark MLP (benchmarks/pretraining_pass.py), with the
-eigenvalue pass's shortcut for layers called once at one position per example against squaring
-materialised per-example rotated gradients [B, out, in], side by side in one run.
+"""Benchmark: the EK-FAC fit on the benchmark MLP (benchmarks/pretraining_pass.py), side by side
+in one run: the eigenvalue pass's shortcut for layers called once at one position per example
+against squaring materialised per-example rotated gradients [B, out, in] (the empirical
+Fisher); with `--fisher ggn`, the exact Gauss-Newton fit's one forward for every column of the
+loss Hessian's root (10 classes: 10 columns) against a forward per column.
 
     python benchmarks/ekfac_fit.py --m 100000
+    python benchmarks/ekfac_fit.py --m 20000 --fisher ggn
 
 Both fits give the same curvature (the solve of the same right-hand sides is printed).
 """
@@ -16,7 +19,9 @@ import torch
 from pretraining_pass import loss_fn, model_and_data
 
 from precompute.ekfac import EKFAC
-from precompute.objective import Objective
+from precompute.gauss_newton import STANDARD_LOSSES
+from precompute.layers import layer_calls
+from precompute.objective import LossSplit, Objective
 
 
 def materialised(self, block, calls):
@@ -25,29 +30,46 @@ def materialised(self, block, calls):
     return (rotated**2).sum(0)
 
 
+def a_forward_per_column(self, item):
+    """The GGN fit's obvious way: a forward and a backward for each output weighting."""
+    batch, weights = item
+    for w in weights:
+        yield layer_calls(self.model, self.loss_fn, [batch, w], self.modules)[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fisher", choices=("empirical", "ggn"), default="empirical")
     args = parser.parse_args()
     model, data, space, s = model_and_data(args.m, 32, "cpu")
-    objective = Objective(model, loss_fn, data, space, torch.full((space.size,), 1e-3), 256)
-    shortcut = EKFAC._squared_rotated
+    split = LossSplit(lambda mod, b: mod(b[0]), STANDARD_LOSSES["cross-entropy"], "benchmark")
+    objective = Objective(
+        model, loss_fn, data, space, torch.full((space.size,), 1e-3), 256, split=split
+    )  # fmt: skip
+    if args.fisher == "ggn":
+        attribute, methods = "_calls", (("per column", a_forward_per_column),)
+        fast = "one forward"
+    else:
+        attribute, methods = "_squared_rotated", (("materialised", materialised),)
+        fast = "shortcut"
+    methods += ((fast, getattr(EKFAC, attribute)),)
     best: dict[str, float] = {}
     for _ in range(args.repeats):
-        for name, method in (("materialised", materialised), ("shortcut", shortcut)):
-            EKFAC._squared_rotated = method
+        for name, method in methods:
+            setattr(EKFAC, attribute, method)
             start = time.perf_counter()
-            fitted = EKFAC(objective).fit()
+            fitted = EKFAC(objective, fisher=args.fisher).fit()
             seconds = time.perf_counter() - start
             best[name] = min(best.get(name, seconds), seconds)
             norm = float(fitted.solve(s, 1e-3).norm())
             print(f"{name:<13} {seconds:8.2f} s   |solve(S)| = {norm:.6g}")
-    EKFAC._squared_rotated = shortcut
-    ratio = best["materialised"] / best["shortcut"]
-    rate = args.m / best["shortcut"]
-    print(f"m={args.m:,} p={space.size:,}: EK-FAC fit {rate:,.0f} examples/s; "
-          f"materialised / shortcut = {ratio:.1f}")  # fmt: skip
+    setattr(EKFAC, attribute, methods[-1][1])
+    slow = methods[0][0]
+    print(f"m={args.m:,} p={space.size:,}: EK-FAC fit ({args.fisher}) "
+          f"{args.m / best[fast]:,.0f} examples/s; {slow} / {fast} = "
+          f"{best[slow] / best[fast]:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from precompute.layers import (
     dense_weight_grads,
     layer_calls,
     rules,
+    weighted_output_calls,
 )
 from precompute.objective import (
     Objective,
@@ -69,9 +70,9 @@ class EKFAC:
     def __init__(self, objective: Objective, fisher: str = "empirical", seed: int = 0):
         """`fisher`: "empirical" fits the gradients of the task's own losses; "ggn" fits
         gradients whose second moment is the objective's Gauss-Newton matrix (needs
-        objective.split): one pass per output up to GGN_EXACT_OUTPUTS outputs per example
-        (`ggn_roots`, no noise), one pass with sampled output weights past that
-        (`ggn_samples`)."""
+        objective.split): a backward per output, all from one forward, up to GGN_EXACT_OUTPUTS
+        outputs per example (`ggn_roots`, no noise), one pass with sampled output weights past
+        that (`ggn_samples`)."""
         self.objective = objective
         module_of, self.loss_fn = objective.model, objective.loss_fn
         self.fisher = fisher
@@ -157,39 +158,59 @@ class EKFAC:
             loss = functional_loss(self.model, self.loss_fn, self.diagonal_space)
             theta = self.diagonal_space.read(self.model)
             total = torch.zeros_like(theta)
-            for batch in stream:
-                total += (batch_grads(loss, theta, batch) ** 2).sum(0)
+            for item in stream:
+                for part in self._weighted(item):
+                    total += (batch_grads(loss, theta, part) ** 2).sum(0)
             return total
         if step == "eigenvalues":
             for block, (q_a, q_s) in zip(self.blocks, state, strict=True):
                 block.q_a, block.q_s = q_a, q_s
         sums: list = [None] * len(self.blocks)
         index = {id(b.module): i for i, b in enumerate(self.blocks)}
-        for batch in stream:
-            _, calls = layer_calls(self.model, self.loss_fn, batch, self.modules)
-            by_block: dict[int, list] = {}
-            for module, a, g in calls:
-                i = index[id(module)]
-                if step == "factors":
-                    a_cov, s_cov = self._covariances(self.blocks[i], a, g)
-                    sums[i] = (a_cov, s_cov) if sums[i] is None else (
-                        None if a_cov is None else sums[i][0] + a_cov, sums[i][1] + s_cov
-                    )  # fmt: skip
-                elif self.blocks[i].q_s is not None:
-                    by_block.setdefault(i, []).append((a, g))
-            for i, block_calls in by_block.items():
-                square = self._squared_rotated(self.blocks[i], block_calls)
-                sums[i] = square if sums[i] is None else sums[i] + square
+        for item in stream:
+            for calls in self._calls(item):
+                by_block: dict[int, list] = {}
+                for module, a, g in calls:
+                    i = index[id(module)]
+                    if step == "factors":
+                        a_cov, s_cov = self._covariances(self.blocks[i], a, g)
+                        sums[i] = (a_cov, s_cov) if sums[i] is None else (
+                            None if a_cov is None else sums[i][0] + a_cov, sums[i][1] + s_cov
+                        )  # fmt: skip
+                    elif self.blocks[i].q_s is not None:
+                        by_block.setdefault(i, []).append((a, g))
+                for i, block_calls in by_block.items():
+                    square = self._squared_rotated(self.blocks[i], block_calls)
+                    sums[i] = square if sums[i] is None else sums[i] + square
         if step == "factors":
             return [(None, None) if x is None else x for x in sums]
         return sums
 
+    def _calls(self, item):
+        """The layer calls of one item of `_batches`, once for the empirical Fisher, once per
+        output weighting for the GGN (one forward for all of them)."""
+        if self.fisher != "ggn":
+            yield layer_calls(self.model, self.loss_fn, item, self.modules)[1]
+            return
+        batch, weights = item
+        outputs = self.objective.split.outputs
+        yield from weighted_output_calls(self.model, outputs, batch, self.modules, weights)
+
+    def _weighted(self, item):
+        """The (batch, w) parts of one item of `_batches` that `loss_fn` takes."""
+        if self.fisher != "ggn":
+            yield item
+            return
+        batch, weights = item
+        for w in weights:
+            yield [batch, w]
+
     def _batches(self, within: range | None = None):
         """The objective's data (the examples in `within`, default all) in batches; for the
-        "ggn" Fisher each batch carries its output weights, (batch, w), a column of the loss
-        Hessian's root or a draw. Draws come from a generator seeded by the seed and the first
-        example, so a block's draws are the same wherever it is summed (here or on a worker of
-        precompute.ray_engine) and in both passes."""
+        "ggn" Fisher each batch carries its output weights, (batch, W) with W [C, B, K]: every
+        column of the loss Hessian's root, or one draw. Draws come from a generator seeded by
+        the seed and the first example, so a block's draws are the same wherever it is summed
+        (here or on a worker of precompute.ray_engine) and in both passes."""
         objective = self.objective
         stream = batches(objective.dataset, self.batch_size, objective.device, within=within)
         if self.fisher != "ggn":
@@ -203,10 +224,9 @@ class EKFAC:
             outputs = network_outputs(split, self.model, batch)
             if every_column(outputs):  # the exact GGN, no noise
                 roots = ggn_roots(split, self.model, batch, outputs)  # [B, K, K]
-                for k in range(roots.shape[-1]):
-                    yield [batch, roots[..., k]]
+                yield [batch, roots.permute(2, 0, 1)]  # column k: roots[..., k]
             else:
-                yield [batch, ggn_samples(split, self.model, batch, generator, outputs)]
+                yield [batch, ggn_samples(split, self.model, batch, generator, outputs)[None]]
 
     @staticmethod
     def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ gradients.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -156,6 +157,18 @@ class _Recorder:
             h.remove()
 
 
+def _recorded(model: nn.Module, fn: LossFn, batch: Any, modules: list[nn.Module]):
+    """(fn(model, batch) with its graph, [(module, input, output)] for every call of the modules
+    whose output the graph reaches)."""
+    recorder = _Recorder(modules)
+    try:
+        with torch.enable_grad():
+            result = fn(model, batch)
+    finally:
+        recorder.close()
+    return result, [c for c in recorder.calls if c[2].requires_grad]
+
+
 def layer_calls(
     model: nn.Module, loss_fn: LossFn, batch: Any, modules: list[nn.Module]
 ) -> tuple[int, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
@@ -164,13 +177,7 @@ def layer_calls(
     Examples are independent, so the output gradient of the summed loss holds each example's
     own output gradient in its row. First derivatives only: fused attention kernels are kept.
     """
-    recorder = _Recorder(modules)
-    try:
-        with torch.enable_grad():
-            loss = loss_fn(model, batch)
-    finally:
-        recorder.close()
-    calls = [c for c in recorder.calls if c[2].requires_grad]
+    loss, calls = _recorded(model, loss_fn, batch, modules)
     if not calls:
         return loss.shape[0], []
     grads = torch.autograd.grad(loss.sum(), [c[2] for c in calls], allow_unused=True)
@@ -180,6 +187,31 @@ def layer_calls(
         if g is not None
     ]
     return loss.shape[0], found
+
+
+def weighted_output_calls(
+    model: nn.Module, outputs_fn: LossFn, batch: Any, modules: list[nn.Module], weights
+) -> Iterator[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
+    """For each output weighting w [B, K] in weights [C, B, K]: [(module, input, d sum_i
+    <f_i, w_i> / d output)] for every call of the modules, f = outputs_fn(model, batch) [B, ...]
+    (K outputs per example), the C backward passes sharing ONE forward, whose graph is kept
+    until the last. EK-FAC's exact Gauss-Newton fit weights the outputs by every column of the
+    loss Hessian's root, up to 16: one forward where it took one per column."""
+    outputs, calls = _recorded(model, outputs_fn, batch, modules)
+    flat = outputs.reshape(len(outputs), -1)
+    for k, w in enumerate(weights):
+        if not calls:
+            yield []
+            continue
+        grads = torch.autograd.grad(
+            (flat * w).sum(), [c[2] for c in calls], allow_unused=True,
+            retain_graph=k + 1 < len(weights),
+        )  # fmt: skip
+        yield [
+            (module, inp.detach(), g.detach())
+            for (module, inp, _), g in zip(calls, grads, strict=True)
+            if g is not None
+        ]
 
 
 def broadcast_layers(
