@@ -6,13 +6,20 @@ random teacher network, to a near-optimum of mean cross-entropy + (l2/2)|theta|^
 full-batch L-BFGS). Every method scores every (query, training example) pair,
     score(z, t) = grad l_t . (H + lambda I)^{-1} grad l(z),     lambda = l2 + damping,
 up to a positive factor, where H is the Hessian of the mean training loss (EK-FAC: its
-Kronecker-factored Fisher approximation). Sizes:
+Kronecker-factored Fisher approximation), or with `--curvature ggn` its Gauss-Newton matrix
+G = (1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i + l2 I (J_i the logits' Jacobian, p_i the
+softmax), for models whose damped Hessian is indefinite: the medium model, not at an exact
+optimum, has a Rayleigh quotient of -0.0031 in H + lambda I. Sizes:
 - small:  20-64-64-5 MLP (5,829 parameters), 4,000 training examples, 32 queries; reference:
-  the explicit float64 Hessian (torch.func.jacrev of the gradient, not msif's code) and a
-  Cholesky solve;
+  the explicit float64 Hessian (torch.func.jacrev of the gradient, not msif's code) or GGN
+  (the logits' per-example Jacobians, torch.func.jacrev) and a Cholesky solve;
 - medium: 64-256-256-10 MLP (85,002 parameters), 50,000 training examples, 64 queries;
   reference: msif pcg in float64 at tolerance 1e-9, its residual re-checked with an
-  independent Hessian-vector product (torch.func.jvp of the gradient).
+  independent product (torch.func.jvp of the gradient; for the GGN, torch.func.jvp and vjp of
+  the logits).
+msif's methods and the reference take the curvature given; Kronfluence's EK-FAC approximates
+the true Fisher (for cross-entropy, the GGN) either way; pyDVL solves the Hessian only, and is
+skipped under `--curvature ggn`.
 
 Each method runs in its own process (`--worker`), in float32, and reports its fit time (the
 curvature: EK-FAC factors; nothing for CG and LiSSA), its score time (test gradients, the
@@ -24,7 +31,8 @@ influence code runs with numpy 2: `pip install --no-deps pydvl==0.10.0` then `da
 zarr numcodecs pyDeprecate more-itertools`). A missing peer is reported as skipped.
 
     python benchmarks/peers.py --sizes small
-    python benchmarks/peers.py --sizes medium --methods msif-ekfac,kronfluence-ekfac,msif-pcg
+    python benchmarks/peers.py --sizes medium --curvature ggn \
+        --methods msif-pcg,msif-ekfac,kronfluence-ekfac
 """
 
 from __future__ import annotations
@@ -200,10 +208,14 @@ class SingleStageTask(MultiStageTask):
 # ---- msif ----------------------------------------------------------------------------------
 
 
-def msif_scores(problem, solver: str, tol: float = 1e-6, dtype=torch.float32, rows_pcg=False):
+def msif_scores(
+    problem, solver: str, tol: float = 1e-6, dtype=torch.float32, rows_pcg=False,
+    curvature: str = "hessian",
+):  # fmt: skip
     """(scores [Q, m], seconds to the s-vectors, info) by msif's engine, single-stage
-    configuration: test gradients u_t, s_t = (H + lambda I)^{-1} u_t, then the pass."""
-    from precompute import curvature
+    configuration: test gradients u_t, s_t = (C + lambda I)^{-1} u_t (C the Hessian or the
+    GGN), then the pass."""
+    from precompute import curvature as solvers
     from precompute.curvature import SolveConfig
     from precompute.influence import Spaces, pretrain_vectors, scenario_vectors
     from precompute.objective import ParamSpace
@@ -212,9 +224,9 @@ def msif_scores(problem, solver: str, tol: float = 1e-6, dtype=torch.float32, ro
     model, xt, yt, xq, yq = load_problem(problem, dtype)
     task = SingleStageTask(model, xt, yt, xq, yq)
     spaces = Spaces(ParamSpace.of(model, task.shared_parameters()), ParamSpace.of(model, []))
-    config = SolveConfig(solver, DAMPING, cg_tol=tol, cg_max_iter=2000)
+    config = SolveConfig(solver, DAMPING, cg_tol=tol, cg_max_iter=2000, curvature=curvature)
     if rows_pcg:
-        curvature.SOLVER_TABLE["pcg"] = _rows_pcg  # the measured alternative, see below
+        solvers.SOLVER_TABLE["pcg"] = _rows_pcg  # the measured alternative, see below
     start = time.perf_counter()
     u, _ = scenario_vectors(task, "fixed", model, spaces.shared, config, 256)
     s, info = pretrain_vectors(task, model, spaces, u, config, 256)
@@ -228,7 +240,9 @@ def msif_scores(problem, solver: str, tol: float = 1e-6, dtype=torch.float32, ro
     return scores, solve_seconds, {k: v for k, v in info.items() if k in INFO_KEYS}
 
 
-INFO_KEYS = ("iterations", "max_relative_residual", "min_curvature", "block_sizes", "damping")
+INFO_KEYS = (
+    "iterations", "max_relative_residual", "min_curvature", "block_sizes", "damping", "curvature"
+)  # fmt: skip
 
 
 def _rows_pcg(objective, rhs, config):
@@ -336,33 +350,41 @@ def pydvl_scores(problem, method: str):
 # ---- the reference --------------------------------------------------------------------------
 
 
-def flat_loss(model, xt, yt):
-    """theta -> mean training loss + (l2/2)|theta|^2, with the model's parameters set to theta."""
+def flat_parameters(model):
+    """(theta, params): the model's parameters as one flat vector, and theta -> the dict of
+    named tensors that torch.func.functional_call takes."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def params(theta):
+        out, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            out[name] = theta[offset : offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        return out
+
+    return theta, params
+
+
+def flat_loss(model, xt, yt):
+    """theta -> mean training loss + (l2/2)|theta|^2, with the model's parameters set to theta."""
+    _, params = flat_parameters(model)
 
     def loss(theta):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            params[name] = theta[offset : offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        out = torch.func.functional_call(model, params, (xt,))
+        out = torch.func.functional_call(model, params(theta), (xt,))
         return F.cross_entropy(out, yt) + L2 / 2 * (theta @ theta)
 
     return loss
 
 
 def per_example_gradients(model, x, y):
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
+    theta, params = flat_parameters(model)
 
     def single(theta, xi, yi):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            params[name] = theta[offset : offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        return F.cross_entropy(torch.func.functional_call(model, params, (xi[None],)), yi[None])
+        return F.cross_entropy(
+            torch.func.functional_call(model, params(theta), (xi[None],)), yi[None]
+        )
 
     grad = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))
     return torch.cat(
@@ -370,34 +392,87 @@ def per_example_gradients(model, x, y):
     )
 
 
-def reference_scores(problem, size: str):
+def softmax_hessian(logits, v):
+    """(diag p - p p^T) v per example: the Hessian of cross-entropy in the logits."""
+    p = logits.softmax(-1)
+    return p * v - p * (p * v).sum(-1, keepdim=True)
+
+
+def explicit_ggn(model, x, chunk: int = 256):
+    """(1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i + l2 I as a dense matrix, from the logits'
+    per-example Jacobians J_i (torch.func.jacrev)."""
+    theta, params = flat_parameters(model)
+
+    def logits(theta, xi):
+        return torch.func.functional_call(model, params(theta), (xi[None],))[0]
+
+    jacobian = torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))
+    ggn = torch.zeros(len(theta), len(theta), dtype=theta.dtype)
+    for i in range(0, len(x), chunk):
+        j = jacobian(theta, x[i : i + chunk])  # [b, K, p]
+        with torch.no_grad():
+            out = model(x[i : i + chunk])
+        p = out.softmax(-1)[:, :, None]
+        hj = p * j - p * (p * j).sum(1, keepdim=True)  # (diag p - p p^T) J_i, [b, K, p]
+        ggn += j.reshape(-1, len(theta)).T @ hj.reshape(-1, len(theta))
+    ggn = ggn / len(x) + L2 * torch.eye(len(theta), dtype=theta.dtype)
+    return (ggn + ggn.T) / 2
+
+
+def curvature_product(model, xt, yt, curvature: str):
+    """v -> C v for the training objective's Hessian (torch.func.jvp of its gradient) or GGN
+    (torch.func.jvp and vjp of the logits), independent of msif's products."""
+    theta, params = flat_parameters(model)
+    if curvature == "hessian":
+        grad = torch.func.grad(flat_loss(model, xt, yt))
+        return lambda v: torch.func.jvp(grad, (theta,), (v,))[1]
+
+    def logits(theta):
+        return torch.func.functional_call(model, params(theta), (xt,))
+
+    out, vjp = torch.func.vjp(logits, theta)
+
+    def ggn(v):
+        jv = torch.func.jvp(logits, (theta,), (v,))[1]
+        return vjp(softmax_hessian(out, jv))[0] / len(xt) + L2 * v
+
+    return ggn
+
+
+def reference_scores(problem, size: str, curvature: str = "hessian"):
     """Float64 scores of the exactly solved damped system, and how it was checked."""
     model, xt, yt, xq, yq = load_problem(problem, torch.float64)
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    theta, _ = flat_parameters(model)
     lam = DAMPING
     if size == "small":
-        hessian = torch.func.jacrev(torch.func.grad(flat_loss(model, xt, yt)), chunk_size=128)(
-            theta
-        )
-        hessian = (hessian + hessian.T) / 2
-        eig = torch.linalg.eigvalsh(hessian)
-        system = hessian + lam * torch.eye(len(theta), dtype=theta.dtype)
+        if curvature == "hessian":
+            matrix = torch.func.jacrev(torch.func.grad(flat_loss(model, xt, yt)), chunk_size=128)(
+                theta
+            )
+            matrix = (matrix + matrix.T) / 2
+            how = "explicit float64 Hessian (jacrev of grad), Cholesky"
+        else:
+            matrix = explicit_ggn(model, xt)
+            how = "explicit float64 GGN (jacrev of the logits), Cholesky"
+        eig = torch.linalg.eigvalsh(matrix)
+        system = matrix + lam * torch.eye(len(theta), dtype=theta.dtype)
         g_q = per_example_gradients(model, xq, yq)
         s = torch.cholesky_solve(g_q.T, torch.linalg.cholesky(system)).T
         check = {
-            "how": "explicit float64 Hessian (jacrev of grad), Cholesky",
+            "how": how,
             "min_eigenvalue": eig[0].item(),
             "max_eigenvalue": eig[-1].item(),
             "mean_eigenvalue": eig.mean().item(),
         }
     else:
-        s, info = _engine_vectors(problem)
+        s, info = _engine_vectors(problem, curvature)
         g_q = per_example_gradients(model, xq, yq)
-        grad = torch.func.grad(flat_loss(model, xt, yt))
-        hvp = lambda v: torch.func.jvp(grad, (theta,), (v,))[1]  # noqa: E731
-        residual = torch.stack([hvp(v) + lam * v for v in s]) - g_q
+        product = curvature_product(model, xt, yt, curvature)
+        with torch.no_grad():
+            residual = torch.stack([product(v) + lam * v for v in s]) - g_q
         check = {
-            "how": "msif pcg float64 tol 1e-9, residual re-checked by torch.func.jvp of grad",
+            "how": f"msif pcg float64 tol 1e-9 on the {curvature}, residual re-checked by an "
+            "independent product (torch.func)",
             "max_relative_residual": (residual.norm(dim=1) / g_q.norm(dim=1)).max().item(),
             **{k: v for k, v in info.items() if k in INFO_KEYS},
         }
@@ -405,7 +480,7 @@ def reference_scores(problem, size: str):
     return (s @ g_train.T / len(xt)).numpy(), check
 
 
-def _engine_vectors(problem):
+def _engine_vectors(problem, curvature: str):
     from precompute.curvature import SolveConfig
     from precompute.influence import Spaces, pretrain_vectors, scenario_vectors
     from precompute.objective import ParamSpace
@@ -413,7 +488,7 @@ def _engine_vectors(problem):
     model, xt, yt, xq, yq = load_problem(problem, torch.float64)
     task = SingleStageTask(model, xt, yt, xq, yq)
     spaces = Spaces(ParamSpace.of(model, task.shared_parameters()), ParamSpace.of(model, []))
-    config = SolveConfig("pcg", DAMPING, cg_tol=1e-9, cg_max_iter=2000)
+    config = SolveConfig("pcg", DAMPING, cg_tol=1e-9, cg_max_iter=2000, curvature=curvature)
     u, _ = scenario_vectors(task, "fixed", model, spaces.shared, config, 256)
     return pretrain_vectors(task, model, spaces, u, config, 256)
 
@@ -423,19 +498,24 @@ def _engine_vectors(problem):
 
 def worker(method: str, size: str, problem: Path, out: Path) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    curvature = os.environ.get("BENCH_CURVATURE", "hessian")
     start = time.perf_counter()
     if method == "reference":
-        scores, info = reference_scores(problem, size)
+        scores, info = reference_scores(problem, size, curvature)
         fit = 0.0
     elif method.startswith("msif-"):
         solver = method.removeprefix("msif-")
         rows = solver == "pcg-rows"
         tol = float(os.environ.get("BENCH_TOL", "1e-6"))
-        scores, fit, info = msif_scores(problem, "pcg" if rows else solver, tol, rows_pcg=rows)
+        scores, fit, info = msif_scores(
+            problem, "pcg" if rows else solver, tol, rows_pcg=rows, curvature=curvature
+        )
     elif method == "kronfluence-ekfac":
         with tempfile.TemporaryDirectory() as work:
             scores, fit, info = kronfluence_scores(problem, Path(work))
     elif method.startswith("pydvl-"):
+        if curvature != "hessian":
+            raise SystemExit(f"{method} solves the Hessian only (--curvature {curvature})")
         scores, fit, info = pydvl_scores(problem, method.removeprefix("pydvl-"))
     else:
         raise SystemExit(f"unknown method {method}")
@@ -464,7 +544,7 @@ def agreement(scores: np.ndarray, reference: np.ndarray) -> dict:
 
 
 def run(method: str, size: str, problem: Path, work: Path, timeout: float) -> dict:
-    out = work / f"{size}-{method}.json"
+    out = work / f"{size}-{method}{_suffix()}.json"
     command = [sys.executable, __file__, "--worker", method, "--size", size,
                "--problem", str(problem), "--out", str(out)]  # fmt: skip
     try:
@@ -473,9 +553,15 @@ def run(method: str, size: str, problem: Path, work: Path, timeout: float) -> di
         return {"method": method, "error": f"over {timeout:.0f} s"}
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        skipped = "ModuleNotFoundError" in done.stderr
+        skipped = "ModuleNotFoundError" in done.stderr or "solves the Hessian only" in last
         return {"method": method, "error": ("skipped: " if skipped else "") + last}
     return json.loads(out.read_text())
+
+
+def _suffix() -> str:
+    """The result files' suffix for the curvature: none for the Hessian, "-ggn" for the GGN."""
+    curvature = os.environ.get("BENCH_CURVATURE", "hessian")
+    return "" if curvature == "hessian" else f"-{curvature}"
 
 
 def main(argv=None) -> None:
@@ -485,6 +571,8 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msif-peers")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per method")
     parser.add_argument("--tol", type=float, default=1e-6, help="msif cg/pcg tolerance")
+    parser.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
+                        help="the matrix msif's methods and the reference invert")  # fmt: skip
     parser.add_argument("--no-reference", action="store_true", help="times only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -495,19 +583,20 @@ def main(argv=None) -> None:
         return worker(args.worker, args.size, args.problem, args.out)
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ["BENCH_TOL"] = str(args.tol)
+    os.environ["BENCH_CURVATURE"] = args.curvature
     for size in args.sizes.split(","):
         problem = args.work / f"{size}.pt"
         if not problem.is_file():
             make_problem(size, problem)
         methods = args.methods.split(",") if args.methods else DEFAULT_METHODS[size]
-        reference_file = args.work / f"{size}-reference.npy"
+        reference_file = args.work / f"{size}-reference{_suffix()}.npy"
         if not reference_file.is_file() and not args.no_reference:
             record = run("reference", size, problem, args.work, args.timeout)
             print(f"[{size}] reference: {json.dumps(record, default=float)}", flush=True)
-        reference = None if args.no_reference else np.load(reference_file)
+        reference = np.load(reference_file) if reference_file.is_file() else None
         spec = SIZES[size]
         print(f"[{size}] {spec['train']:,} training examples, {spec['queries']} queries, "
-              f"lambda = {L2 + DAMPING:g}", flush=True)  # fmt: skip
+              f"lambda = {L2 + DAMPING:g}, curvature {args.curvature}", flush=True)  # fmt: skip
         print(f"{'method':<18} {'fit s':>8} {'score s':>8} {'total s':>8} {'RSS MiB':>8} "
               f"{'Pearson':>8} {'Spearman':>8} {'top-10':>7}  info", flush=True)  # fmt: skip
         for method in methods:
@@ -515,7 +604,7 @@ def main(argv=None) -> None:
             if "error" in record:
                 print(f"{method:<18} {record['error']}", flush=True)
                 continue
-            scores = np.load((args.work / f"{size}-{method}.json").with_suffix(".npy"))
+            scores = np.load(args.work / f"{size}-{method}{_suffix()}.npy")
             nan = float("nan")
             a = (
                 agreement(scores, reference)
