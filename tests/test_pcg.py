@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_task import TinyTask
 
+from precompute import curvature
 from precompute.curvature import (
     SOLVER_TABLE,
     SOLVERS,
@@ -89,7 +90,9 @@ def test_dependent_and_zero_rows_are_deflated_not_a_breakdown():
     assert info["unconverged_rows"] == []
 
 
-def test_orthonormal_rows_span_the_svd_basis_and_drop_what_rounding_makes():
+@pytest.mark.parametrize("part", [2**24, 64])  # z in one part, and in parts of 8 columns
+def test_orthonormal_rows_span_the_svd_basis_and_drop_what_rounding_makes(monkeypatch, part):
+    monkeypatch.setattr(curvature, "GRAM_PART", part)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(6, 500, generator=g)
     near = z[:2] * 3 + 1e-6 * torch.randn(2, 500, generator=g)  # copies up to float32 noise
