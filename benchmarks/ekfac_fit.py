@@ -18,7 +18,7 @@ import time
 import torch
 from pretraining_pass import loss_fn, model_and_data
 
-from precompute.ekfac import EKFAC
+from precompute.ekfac import EKFAC, network_outputs
 from precompute.gauss_newton import STANDARD_LOSSES
 from precompute.layers import layer_calls
 from precompute.objective import LossSplit, Objective
@@ -32,8 +32,8 @@ def materialised(self, block, calls):
 
 def a_forward_per_column(self, item):
     """The GGN fit's obvious way: a forward and a backward for each output weighting."""
-    batch, weights = item
-    for w in weights:
+    batch, weights_of = item
+    for w in weights_of(network_outputs(self.objective.split, self.model, batch), batch):
         yield layer_calls(self.model, self.loss_fn, [batch, w], self.modules)[1]
 
 

@@ -192,24 +192,27 @@ class EKFAC:
         if self.fisher != "ggn":
             yield layer_calls(self.model, self.loss_fn, item, self.modules)[1]
             return
-        batch, weights = item
+        batch, weights_of = item
         outputs = self.objective.split.outputs
-        yield from weighted_output_calls(self.model, outputs, batch, self.modules, weights)
+        yield from weighted_output_calls(
+            self.model, outputs, batch, self.modules, lambda f: weights_of(f, batch)
+        )
 
     def _weighted(self, item):
         """The (batch, w) parts of one item of `_batches` that `loss_fn` takes."""
         if self.fisher != "ggn":
             yield item
             return
-        batch, weights = item
-        for w in weights:
+        batch, weights_of = item
+        for w in weights_of(network_outputs(self.objective.split, self.model, batch), batch):
             yield [batch, w]
 
     def _batches(self, within: range | None = None):
         """The objective's data (the examples in `within`, default all) in batches; for the
-        "ggn" Fisher each batch carries its output weights, (batch, W) with W [C, B, K]: every
-        column of the loss Hessian's root, or one draw. Draws come from a generator seeded by
-        the seed and the first example, so a block's draws are the same wherever it is summed
+        "ggn" Fisher each batch comes with `weights_of(outputs, batch)`, its output weights
+        W [C, B, K] from the network's outputs f [B, ...] (computed by the fit's own forward):
+        every column of the loss Hessian's root, or one draw. Draws come from a generator seeded
+        by the seed and the first example, so a block's draws are the same wherever it is summed
         (here or on a worker of precompute.ray_engine) and in both passes."""
         objective = self.objective
         stream = batches(objective.dataset, self.batch_size, objective.device, within=within)
@@ -220,13 +223,15 @@ class EKFAC:
         first = within.start if within is not None else 0
         generator = torch.Generator(device=objective.device)
         generator.manual_seed(self.seed * 1_000_003 + first)
-        for batch in stream:
-            outputs = network_outputs(split, self.model, batch)
+
+        def weights_of(outputs: torch.Tensor, batch) -> torch.Tensor:
             if every_column(outputs):  # the exact GGN, no noise
                 roots = ggn_roots(split, self.model, batch, outputs)  # [B, K, K]
-                yield [batch, roots.permute(2, 0, 1)]  # column k: roots[..., k]
-            else:
-                yield [batch, ggn_samples(split, self.model, batch, generator, outputs)[None]]
+                return roots.permute(2, 0, 1)  # column k: roots[..., k]
+            return ggn_samples(split, self.model, batch, generator, outputs)[None]
+
+        for batch in stream:
+            yield [batch, weights_of]
 
     @staticmethod
     def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:

@@ -190,15 +190,17 @@ def layer_calls(
 
 
 def weighted_output_calls(
-    model: nn.Module, outputs_fn: LossFn, batch: Any, modules: list[nn.Module], weights
+    model: nn.Module, outputs_fn: LossFn, batch: Any, modules: list[nn.Module], weights_of
 ) -> Iterator[list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
-    """For each output weighting w [B, K] in weights [C, B, K]: [(module, input, d sum_i
+    """For each output weighting w [B, K] in weights_of(f) [C, B, K]: [(module, input, d sum_i
     <f_i, w_i> / d output)] for every call of the modules, f = outputs_fn(model, batch) [B, ...]
-    (K outputs per example), the C backward passes sharing ONE forward, whose graph is kept
-    until the last. EK-FAC's exact Gauss-Newton fit weights the outputs by every column of the
-    loss Hessian's root, up to 16: one forward where it took one per column."""
+    (K outputs per example; weights_of sees it detached), the C backward passes sharing ONE
+    forward, whose graph is kept until the last. EK-FAC's Gauss-Newton fit weights the outputs
+    by every column of the loss Hessian's root (up to 16) or by one draw: one forward for the
+    weights and every backward, where it took one per column and one more for the weights."""
     outputs, calls = _recorded(model, outputs_fn, batch, modules)
     flat = outputs.reshape(len(outputs), -1)
+    weights = weights_of(outputs.detach())
     for k, w in enumerate(weights):
         if not calls:
             yield []

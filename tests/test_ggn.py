@@ -318,15 +318,16 @@ def test_ekfac_on_the_ggn_approximates_the_ggn_not_the_empirical_fisher():
 def test_one_forward_for_every_column_fits_what_a_forward_per_column_fits(monkeypatch):
     """The exact GGN fit backpropagates every column of the loss Hessian's root through one
     forward (layers.weighted_output_calls); a forward per column gives the same EK-FAC."""
-    from precompute.ekfac import EKFAC
+    from precompute.ekfac import EKFAC, network_outputs
     from precompute.layers import layer_calls
 
     model, data = model_and_data(n=50)
     fast = EKFAC(objective_for(model, data), fisher="ggn").fit()
 
     def a_forward_per_column(self, item):
-        batch, weights = item
-        for w in weights:
+        batch, weights_of = item
+        outputs = network_outputs(self.objective.split, self.model, batch)
+        for w in weights_of(outputs, batch):
             yield layer_calls(self.model, self.loss_fn, [batch, w], self.modules)[1]
 
     monkeypatch.setattr(EKFAC, "_calls", a_forward_per_column)
