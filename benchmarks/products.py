@@ -3,7 +3,9 @@ side in one run: at several activation budgets (precompute.objective.PRODUCT_BUD
 examples x activations per example), and at the budget in force by the engine's shape
 (`Objective.product_shape`: fewer vectors at a time before batches under batch_size examples)
 against the earlier rule (as many vectors as budget / p allows, batches of at least batch_size
-examples whatever the budget).
+examples whatever the budget). For the Gauss-Newton matrix, also the product from stored layer
+factors (precompute.factors, what solves use where it applies) against forward and reverse
+mode at the budget in force, alternating, with the one pass that records the factors.
 
 Models: `scale`, the 32-64-16-10 tanh MLP of benchmarks/scale.py (3,322 parameters); `mlp`, the
 51.6k-parameter MLP of benchmarks/pretraining_pass.py; `passages`, the news-shaped embedding
@@ -92,6 +94,33 @@ def timed(objective: Objective, rows: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def factors_against_forward_reverse(objective: Objective, rows: torch.Tensor, repeats: int):
+    """Best-of-`repeats` seconds of the GGN product from stored factors and by forward and
+    reverse mode, the two alternating, and their largest relative difference."""
+    from precompute.factors import GGNFactors
+
+    start = time.perf_counter()
+    factors, how = GGNFactors.record(objective)
+    recorded = time.perf_counter() - start
+    if factors is None:
+        print(f"  ggn     stored factors: not used here ({how})")
+        return
+    products = {"stored factors": factors.product, "forward/reverse": objective.data_ggn}
+    best = dict.fromkeys(products, float("inf"))
+    results = {}
+    for _ in range(repeats):
+        for key, product in products.items():
+            start = time.perf_counter()
+            results[key] = product(rows)
+            best[key] = min(best[key], time.perf_counter() - start)
+    a, b = results["stored factors"], results["forward/reverse"]
+    difference = ((a - b).norm() / b.norm()).item()
+    print(f"  ggn     stored factors {best['stored factors']:.3f} s "
+          f"(recorded in {recorded:.3f} s), forward/reverse {best['forward/reverse']:.3f} s: "
+          f"{best['forward/reverse'] / best['stored factors']:.2f} x; relative difference "
+          f"{difference:.1e}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("scale", "mlp", "passages", "news"), default="scale")
@@ -127,6 +156,8 @@ def main() -> None:
             vectors, examples = shapes[key]
             print(f"  {curvature:<7} {key:<18} ({vectors:>3} vectors x {examples:>6,} examples): "
                   f"{seconds:7.3f} s, {seconds / fastest:.2f} x the fastest")  # fmt: skip
+        if curvature == "ggn":
+            factors_against_forward_reverse(objective, rows, args.repeats)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,13 @@ def parser() -> argparse.ArgumentParser:
         "for the pretraining pass, chosen for the device and model)",
     )
     pre.add_argument("--cg-tol", default=1e-6, type=_number, help="in (0, 1)")
+    pre.add_argument(
+        "--preconditioner",
+        default="regulariser",
+        choices=["regulariser", "ekfac"],
+        help="pcg's preconditioner: the regulariser's diagonal plus the damping, or the EK-FAC "
+        "inverse (fitted once per system)",
+    )
     pre.add_argument("--cg-max-iter", default=500, type=_whole)
     pre.add_argument("--no-maps", action="store_true", help="skip the UMAP embedding map")
     pre.add_argument(
@@ -160,6 +167,7 @@ def run_precompute(args) -> Path:
         batch_size=args.batch_size,
         cg_tol=args.cg_tol,
         cg_max_iter=args.cg_max_iter,
+        preconditioner=args.preconditioner,
         maps=not args.no_maps,
         map_layout=args.map_layout,
         agreement_tests=args.agreement_tests,

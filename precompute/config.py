@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
-from precompute.curvature import CURVATURES, SOLVERS
+from precompute.curvature import CURVATURES, PRECONDITIONERS, SOLVERS
 from precompute.task import SCENARIOS
 
 ENGINES = ("local", "ray")
@@ -22,6 +22,7 @@ class PrecomputeConfig:
     solver: str = "auto"
     damping: float | str = "auto"
     curvature: str = "hessian"  # hessian | ggn: the matrix every solve inverts
+    preconditioner: str = "regulariser"  # regulariser | ekfac: pcg's M (precompute.curvature)
     top_k: int = 20
     full_scores: str = "auto"  # auto | on | off
     device: str = "auto"  # auto | cpu | cuda
@@ -41,6 +42,7 @@ class PrecomputeConfig:
         """ValueError, one sentence naming the flag, for any setting out of its range."""
         _choice("--solver", self.solver, SOLVERS)
         _choice("--curvature", self.curvature, CURVATURES)
+        _choice("--preconditioner", self.preconditioner, PRECONDITIONERS)
         _choice("--full-scores", self.full_scores, ("auto", "on", "off"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         _choice("--engine", self.engine, ENGINES)

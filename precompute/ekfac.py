@@ -186,6 +186,13 @@ class EKFAC:
             return [(None, None) if x is None else x for x in sums]
         return sums
 
+    def column_calls(self, within: range | None = None):
+        """For each batch of the data (the examples in `within`, default all), the layer calls
+        [(module, input, output gradient)] of every output weighting, one list per weighting
+        (one list for the empirical Fisher)."""
+        for item in self._batches(within):
+            yield list(self._calls(item))
+
     def _calls(self, item):
         """The layer calls of one item of `_batches`, once for the empirical Fisher, once per
         output weighting for the GGN (one forward for all of them)."""
@@ -234,7 +241,7 @@ class EKFAC:
             yield [batch, weights_of]
 
     @staticmethod
-    def _inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:
+    def block_inputs(block: _Block, a: torch.Tensor) -> torch.Tensor:
         """Dense inputs [B, groups, N, in], with a column of ones when the bias is in the space."""
         a = block.rule.inputs(a)
         if block.bias is not None:
@@ -248,7 +255,7 @@ class EKFAC:
             _, g = block.rule.tokens_and_grads(a, g)
             g = g.reshape(-1, g.shape[-1])
             return None, g.T @ g
-        a = self._inputs(block, a)
+        a = self.block_inputs(block, a)
         g = block.rule.outputs(g)
         return (
             torch.einsum("bgni,bgnj->gij", a, a),
@@ -262,7 +269,7 @@ class EKFAC:
         the squared rotated vectors, without forming a [B, out, in] tensor."""
         if len(calls) == 1 and isinstance(block.rule, DenseRule):
             a, g = calls[0]
-            a = self._inputs(block, a)  # [B, groups, N, in]
+            a = self.block_inputs(block, a)  # [B, groups, N, in]
             g = block.rule.outputs(g)  # [B, groups, N, out]
             if a.shape[2] == 1:
                 aq = (a @ block.q_a)[:, :, 0] ** 2  # [B, groups, in]
@@ -282,7 +289,7 @@ class EKFAC:
             rows = (torch.arange(batch, device=idx.device)[:, None] * vocab + idx).reshape(-1)
             out.index_add_(0, rows, gq.reshape(-1, gq.shape[-1]))
             return out.view(batch, vocab, -1)
-        a = self._inputs(block, a) @ block.q_a  # [B, groups, N, in]
+        a = self.block_inputs(block, a) @ block.q_a  # [B, groups, N, in]
         g = block.rule.outputs(g) @ block.q_s  # [B, groups, N, out]
         return dense_weight_grads(a, g)
 

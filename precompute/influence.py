@@ -78,8 +78,9 @@ def curvature_objective(
     """The objective of a `stage` ("pretrain" or "finetune") system whose inverse is solved, with
     the curvature of `config` and the task's loss split (precompute.gauss_newton), checked on a
     first batch of `data`. The GGN needs the split (a TaskError without one); for the Hessian it
-    is optional and serves EK-FAC (`ekfac`, `pcg`), which then fits the Gauss-Newton matrix, the
-    true Fisher for cross-entropy, rather than the empirical Fisher (see precompute.ekfac)."""
+    is optional and serves EK-FAC (`ekfac`, `pcg --preconditioner ekfac`), which then fits the
+    Gauss-Newton matrix, the true Fisher for cross-entropy, rather than the empirical Fisher
+    (see precompute.ekfac)."""
     loss_fn: LossFn = getattr(task, f"{stage}_loss")
     first = next(batches(data, min(8, len(data)), next(model.parameters()).device))
     try:

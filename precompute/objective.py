@@ -17,7 +17,8 @@ Two curvatures of the data term, chosen per objective (`curvature`):
   posed for models trained by SGD, which stop short of an optimum and whose true Hessian is
   indefinite. It drops the term sum_i (dh/df)_i d2f_i/dtheta2, which vanishes where the
   residuals dh/df do. Products: J v by forward mode, H_i (J v) by forward over reverse on h,
-  J^T (.) by reverse mode.
+  J^T (.) by reverse mode; or, once a solve has recorded them (precompute.curvature.
+  prepare_products), from the layers' stored factors without the network (precompute.factors).
 """
 
 from __future__ import annotations
@@ -300,6 +301,9 @@ class Objective:
         # an engine summing curvature products and EK-FAC statistics over shards of the data
         # on other workers (precompute.ray_engine.RayCurvature), or None: this process
         self.sharded = None
+        # the Gauss-Newton matrix's stored layer factors (precompute.factors.GGNFactors), which
+        # take its products without the network once recorded, or None
+        self.factors = None
 
     def product_shape(self, rows: int) -> tuple[int, int]:
         """(vectors per vmapped product, examples per batch) of a curvature product over `rows`
@@ -408,11 +412,14 @@ class Objective:
 
     def data_curvature(self, vectors: torch.Tensor) -> torch.Tensor:
         """The data term of the chosen curvature times each row of vectors, the blocks' sums
-        taken by the sharded engine (`sharded`) when one is attached, else here."""
+        taken by the sharded engine (`sharded`) when one is attached, else from the stored
+        Gauss-Newton factors (`factors`) when recorded, else here."""
         if self.sharded is not None:
             size = self.product_batch(len(vectors))
             blocks = sum_blocks(self.n, size)
             return self.sharded.curvature_sum(vectors, blocks, size) / self.n
+        if self.factors is not None:
+            return self.factors.product(vectors)
         return self._data_sum(self.curvature_sum, vectors)
 
     def _data_sum(self, term, vectors: torch.Tensor) -> torch.Tensor:

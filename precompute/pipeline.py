@@ -169,8 +169,9 @@ def sharded_solve(cluster, device: torch.device):
 
 def _precompute(task, config, scenarios, device, writer, timer, log, cluster) -> Path:
     solve_config = SolveConfig(
-        config.solver, config.damping, config.cg_tol, config.cg_max_iter, config.curvature
-    )
+        config.solver, config.damping, config.cg_tol, config.cg_max_iter, config.curvature,
+        config.preconditioner,
+    )  # fmt: skip
     with timer.stage("load"):
         data, pretrained, finetuned, shared = load_checked(task, scenarios, device)
         pretrain_data = data["pretrain_data"]

@@ -285,7 +285,7 @@ def test_pcg_on_the_ggn_fits_its_preconditioner_to_the_ggn():
     model, data = model_and_data()
     objective = objective_for(model, data, reg=0.01)
     rhs = torch.randn(3, objective.size, dtype=torch.float64)
-    x, info = solve(objective, rhs, SolveConfig("pcg", 0.0, cg_tol=1e-10))
+    x, info = solve(objective, rhs, SolveConfig("pcg", 0.0, cg_tol=1e-10, preconditioner="ekfac"))
     assert info["preconditioner"] == "ekfac (GGN)"
     dense = explicit_hessian(objective.hvp, objective.size, rhs)
     torch.testing.assert_close(x, torch.linalg.solve(dense, rhs.T).T, rtol=1e-7, atol=1e-10)

@@ -23,7 +23,7 @@ def task():
     return task
 
 
-def engine_scores(task, scenario, solver="exact", damping=0.0):
+def engine_scores(task, scenario, solver="exact", damping=0.0, preconditioner="regulariser"):
     """[Q, m] float64 scores from the engine's own pieces."""
     pretrained = task.pretrained_model()
     shared = task.shared_parameters()
@@ -31,7 +31,9 @@ def engine_scores(task, scenario, solver="exact", damping=0.0):
         ParamSpace.of(pretrained, shared),
         ParamSpace.of(pretrained, ["head.weight", "head.bias"]),
     )
-    config = SolveConfig(solver, damping, cg_tol=1e-12, cg_max_iter=1000)
+    config = SolveConfig(
+        solver, damping, cg_tol=1e-12, cg_max_iter=1000, preconditioner=preconditioner
+    )
     u, _ = scenario_vectors(task, scenario, task.finetuned_model(scenario), spaces.shared, config)
     s, _ = pretrain_vectors(task, pretrained, spaces, u, config)
     columns = {}

@@ -9,11 +9,13 @@ from tiny_task import TinyTask
 
 from precompute import curvature
 from precompute.curvature import (
+    PRECONDITIONERS,
     SOLVER_TABLE,
     SOLVERS,
     SolveConfig,
     _orthonormal_rows,
     block_pcg,
+    regulariser_preconditioner,
     resolve,
     solve,
     solve_pcg_hvp,
@@ -141,35 +143,50 @@ def task():
     return task
 
 
+@pytest.mark.parametrize("preconditioner", PRECONDITIONERS)
 @pytest.mark.parametrize("scenario", ["fixed", "updated"])
-def test_pcg_with_no_damping_equals_exact_and_explicit_hessians(task, scenario):
+def test_pcg_with_no_damping_equals_exact_and_explicit_hessians(task, scenario, preconditioner):
     from test_ground_truth import dense_scores, engine_scores
 
     dense = dense_scores(task, scenario)
     exact = engine_scores(task, scenario, "exact")
-    pcg = engine_scores(task, scenario, "pcg")
+    pcg = engine_scores(task, scenario, "pcg", preconditioner=preconditioner)
     scale = exact.abs().max()
     assert ((pcg - exact).abs().max() / scale).item() <= 1e-6
     assert ((pcg - dense).abs().max() / dense.abs().max()).item() <= 1e-6
 
 
-def pretrain_solve(task, solver):
+def pretrain_solve(task, solver, preconditioner="regulariser"):
     pretrained = task.pretrained_model()
     spaces = Spaces(
         ParamSpace.of(pretrained, task.shared_parameters()),
         ParamSpace.of(pretrained, ["head.weight", "head.bias"]),
     )
     u = rows(6, spaces.shared.size)
-    config = SolveConfig(solver, 0.0, cg_tol=1e-10, cg_max_iter=500)
+    config = SolveConfig(solver, 0.0, cg_tol=1e-10, cg_max_iter=500, preconditioner=preconditioner)
     return pretrain_vectors(task, pretrained, spaces, u, config)
 
 
-def test_pcg_takes_fewer_passes_than_cg(task):
+@pytest.mark.parametrize(
+    ("preconditioner", "name"),
+    [("regulariser", "regulariser"), ("ekfac", "ekfac (empirical Fisher)")],
+)
+def test_pcg_takes_fewer_passes_than_cg(task, preconditioner, name):
     x_cg, cg = pretrain_solve(task, "cg")
-    x_pcg, pcg = pretrain_solve(task, "pcg")
+    x_pcg, pcg = pretrain_solve(task, "pcg", preconditioner)
     torch.testing.assert_close(x_pcg, x_cg, rtol=1e-7, atol=1e-9)
     assert pcg["iterations"] < cg["iterations"]
-    assert pcg["preconditioner"] == "ekfac (empirical Fisher)" and pcg["curvature"] == "hessian"
+    assert pcg["preconditioner"] == name and pcg["curvature"] == "hessian"
+
+
+def test_the_regulariser_preconditioner_divides_by_reg_plus_damping_and_fills_its_zeros():
+    reg = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    r = torch.tensor([[2.0, 2.0, 8.0]], dtype=torch.float64)
+    precondition = regulariser_preconditioner(reg)
+    torch.testing.assert_close(precondition(r, 1.0), torch.tensor([[2.0, 1.0, 2.0]]).double())
+    # no damping: the zero takes the mean of the positive entries, (1 + 3) / 2
+    torch.testing.assert_close(precondition(r, 0.0), torch.tensor([[1.0, 2.0, 8 / 3]]).double())
+    assert torch.equal(regulariser_preconditioner(torch.zeros(3).double())(r, 0.0), r)
 
 
 # ---- the table ------------------------------------------------------------------------------
@@ -183,6 +200,7 @@ def test_one_table_of_solvers_builds_the_choices():
     choices = {a.dest: a.choices for a in sub._actions}
     assert tuple(choices["solver"]) == SOLVERS
     assert tuple(choices["curvature"]) == CURVATURES
+    assert tuple(choices["preconditioner"]) == PRECONDITIONERS
 
 
 def test_auto_picks_pcg_for_finetuning_systems_past_exact():

@@ -1,0 +1,179 @@
+"""The Gauss-Newton product from stored layer factors (precompute.factors) against the forward-
+and reverse-mode product it replaces, on dense layers of every shape it takes; the cases it
+leaves to forward and reverse mode; and solves that use it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from precompute.curvature import SolveConfig, solve
+from precompute.factors import GGNFactors
+from precompute.gauss_newton import STANDARD_LOSSES
+from precompute.objective import LossSplit, Objective, ParamSpace
+
+
+class Mlp(nn.Module):
+    def __init__(self, outputs: int = 3):
+        super().__init__()
+        self.hidden = nn.Linear(4, 6)
+        self.out = nn.Linear(6, outputs)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+class Mixed(nn.Module):
+    """A grouped, padded, strided convolution; a Linear over positions; a Linear called twice;
+    a Linear without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
+        self.per_position = nn.Linear(4, 5)
+        self.twice = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))  # [B, 4, 3, 3]
+        h = h.flatten(2).transpose(1, 2)  # [B, 9 positions, 4]
+        h = torch.tanh(self.per_position(h))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        return self.out(h.mean(1))
+
+
+class WithNorm(Mlp):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.out(self.norm(torch.tanh(self.hidden(x))))
+
+
+def outputs_of(model, batch):
+    return model(batch[0])
+
+
+def cross_entropy(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def squared(model, batch):
+    return ((model(batch[0]) - batch[1]) ** 2).sum(1)
+
+
+def objective_for(model, x, y, loss, name, names=None, batch_size=7):
+    model = model.double()
+    names = names or [n for n, _ in model.named_parameters()]
+    space = ParamSpace.of(model, names)
+    reg = torch.full((space.size,), 0.01, dtype=torch.float64)
+    split = LossSplit(outputs_of, STANDARD_LOSSES[name], "test")
+    data = TensorDataset(x.double(), y if y.dtype == torch.long else y.double())
+    return Objective(model, loss, data, space, reg, batch_size, curvature="ggn", split=split)
+
+
+def mlp_objective(outputs: int = 3, n: int = 30, **kwargs):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, outputs, (n,), generator=g)
+    return objective_for(Mlp(outputs), x, y, cross_entropy, "cross-entropy", **kwargs)
+
+
+def mixed_objective(names=None):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(20, 2, 6, 6, generator=g), torch.randn(20, 3, generator=g)
+    return objective_for(Mixed(), x, y, squared, "squared error (sum)", names)
+
+
+def assert_products_agree(objective, rows: int = 5):
+    factors, how = GGNFactors.record(objective)
+    assert how == "stored layer factors"
+    v = torch.randn(rows, objective.size, generator=torch.Generator().manual_seed(3)).double()
+    torch.testing.assert_close(factors.product(v), objective.data_ggn(v), rtol=1e-10, atol=1e-12)
+
+
+def test_an_mlp_with_biases_under_cross_entropy():
+    assert_products_agree(mlp_objective())
+
+
+def test_convolutions_positions_repeated_calls_and_a_layer_without_bias():
+    assert_products_agree(mixed_objective())
+
+
+def test_a_space_of_some_layers_with_a_bias_left_out():
+    """The space's parameters only: a bias outside it is a constant, not a column of ones."""
+    names = ["conv.weight", "conv.bias", "twice.weight", "out.weight"]
+    assert_products_agree(mixed_objective(names))
+
+
+def test_products_in_chunks_of_examples_add_up_to_the_whole(monkeypatch):
+    import precompute.factors
+
+    objective = mlp_objective()
+    monkeypatch.setattr(precompute.factors, "CHUNK_BUDGET", 1)  # one example at a time
+    assert_products_agree(objective)
+
+
+@pytest.mark.parametrize(
+    ("objective", "reason"),
+    [
+        (lambda: mlp_objective(outputs=17), "17 outputs per example"),
+        (
+            lambda: objective_for(
+                WithNorm(), torch.randn(10, 4), torch.randint(0, 3, (10,)), cross_entropy,
+                "cross-entropy",
+            ),
+            "norm.weight, norm.bias outside dense layers",
+        ),
+    ],
+)  # fmt: skip
+def test_what_factors_cannot_hold_goes_by_forward_and_reverse_mode(objective, reason):
+    factors, how = GGNFactors.record(objective())
+    assert factors is None and how == f"forward and reverse mode: {reason}"
+
+
+def test_factors_past_the_budget_are_not_stored():
+    """30 examples of inputs 5 + 7 and output gradients 3 x (6 + 3): 30 x 39 entries."""
+    factors, how = GGNFactors.record(mlp_objective(), budget=1169)
+    assert factors is None
+    assert how == "forward and reverse mode: 1,170 factor entries, over the budget of 1,169"
+    assert GGNFactors.record(mlp_objective(), budget=1170)[0] is not None
+
+
+def test_the_budget_is_a_share_of_the_memory():
+    from precompute.factors import FACTOR_SHARE, factor_budget
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert factor_budget(torch.device("cpu")) == physical // FACTOR_SHARE
+
+
+@pytest.mark.parametrize("solver", ["pcg", "cg", "exact"])
+def test_a_gauss_newton_solve_records_the_factors_and_solves_the_same_system(solver, monkeypatch):
+    rhs = torch.randn(3, mlp_objective().size, generator=torch.Generator().manual_seed(4)).double()
+    config = SolveConfig(solver, 0.01, cg_tol=1e-12)
+    with_factors = mlp_objective()
+    x, info = solve(with_factors, rhs, config)
+    assert info["products"] == "stored layer factors" and with_factors.factors is not None
+    monkeypatch.setattr(GGNFactors, "record", classmethod(lambda cls, o: (None, "switched off")))
+    without = mlp_objective()
+    y, other = solve(without, rhs, config)
+    assert other["products"] == "switched off" and without.factors is None
+    torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_a_hessian_solve_keeps_double_backward():
+    objective = mlp_objective()
+    hessian = Objective(
+        objective.model, objective.loss_fn, objective.dataset, objective.space, objective.reg,
+        curvature="hessian",
+    )  # fmt: skip
+    _, info = solve(hessian, torch.ones(1, hessian.size).double(), SolveConfig("cg", 0.01))
+    assert info["products"] == "double backward" and hessian.factors is None
