@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from precompute.objective import CURVATURES
+from precompute.objective import CURVATURES, device_memory
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
 Precondition = Callable[[torch.Tensor], torch.Tensor]
@@ -37,6 +37,7 @@ EXACT_MAX_WORK = 5 * 10**7  # ... and up to this many parameters x training exam
 AUTO_DAMPING = 1e-3  # `auto` damping, relative to the mean Hessian eigenvalue
 PROBES = 16  # Rademacher probes of the Hutchinson estimate of the mean eigenvalue
 GRAM_PART = 2**24  # entries of z converted to float64 at a time by _orthonormal_rows
+HISTORY_SHARE = 8  # block_pcg's earlier blocks take at most 1 / HISTORY_SHARE of the memory
 PRECONDITIONERS = ("regulariser", "ekfac")  # pcg's M: diag(reg) + d I, or EK-FAC + diag(reg) + d I
 
 
@@ -215,6 +216,7 @@ def block_pcg(
     tol: float = 1e-6,
     max_iter: int = 500,
     first_product: Hvp | None = None,
+    keep: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """X = A^{-1} B for a symmetric positive definite A (`damped`, rows in, rows out) by
     breakdown-free block preconditioned conjugate gradients (O'Leary 1980; Ji & Li 2017).
@@ -239,6 +241,20 @@ def block_pcg(
     orthonormal); a non-positive one means A is not positive definite: the solve stops there,
     the unconverged rows flagged. `first_product`, if given, replaces `damped` for the first
     step only (it may compute more than the product, e.g. a trace estimate on extra rows).
+
+    Conjugacy to every earlier block holds in exact arithmetic with the last one alone; in
+    floating point it is lost as the extreme eigenvalues converge (Paige 1976), and the steps
+    repeat directions already searched. So every step works over the kept blocks, the last
+    `keep` (P_j, A P_j), or as many as 1 / HISTORY_SHARE of the memory holds (`history_blocks`):
+    after its own step it takes R's remaining part in each earlier block's span,
+    alpha_j = (P_j^T A P_j)^{-1} P_j^T R, X += P_j alpha_j, R -= A P_j alpha_j (zero in exact
+    arithmetic, rounding's share otherwise), and conjugates the next block against each,
+    Z -= P_j (P_j^T A P_j)^{-1} (A P_j)^T Z, oldest first. Conjugation alone stalls near the
+    working precision's floor, where the residual's error lies in directions already searched;
+    the corrections take it out. Explicit float32 matrices, steps to tolerance 1e-3 / 1e-6
+    (the last block alone, then every block): benchmarks/peers.py's small Hessian 71 / 133
+    and 39 / 62 (conjugation alone 39 / 164); benchmarks/scale.py's pretraining GGN 4 / 7 and
+    4 / 6. Each kept block costs 5 products of [Q, k] by [k, p] a step.
     """
     x = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -247,6 +263,8 @@ def block_pcg(
     negative = torch.zeros(len(rhs), dtype=torch.bool, device=rhs.device)
     lowest = float("inf")
     iterations, block_sizes = 0, []
+    keep = keep if keep is not None else history_blocks(rhs)
+    past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (P, A P, (P^T A P)^-1)
     p = _orthonormal_rows(_unit_rows(precondition(r))) if active.any() else None
     bar = tqdm(total=max_iter, desc="block PCG", unit="it", leave=False, disable=None)
     while active.any() and iterations < max_iter and p is not None and len(p):
@@ -267,16 +285,30 @@ def block_pcg(
         alpha = ((r @ p.T).double() @ inverse).to(rhs.dtype)  # rows: [Q, k]
         x += alpha @ p
         r -= alpha @ ap
+        for p_j, ap_j, inverse_j in past:  # what rounding left of R in earlier blocks' span
+            alpha_j = ((r @ p_j.T).double() @ inverse_j).to(rhs.dtype)
+            x += alpha_j @ p_j
+            r -= alpha_j @ ap_j
         active = r.norm(dim=1) > target
         if not active.any():
             break
+        past = [*past, (p, ap, inverse)][-keep:]
         z = precondition(r)
-        beta = ((z @ ap.T).double() @ inverse).to(rhs.dtype)  # [Q, k]
-        p = _orthonormal_rows(_unit_rows(z - beta @ p))
+        for p_j, ap_j, inverse_j in past:
+            beta = ((z @ ap_j.T).double() @ inverse_j).to(rhs.dtype)  # [Q, k]
+            z = z - beta @ p_j
+        p = _orthonormal_rows(_unit_rows(z))
     bar.close()
     info = _iterative_info(r, rhs, tol, iterations, negative, lowest)
-    info["block_sizes"] = block_sizes
+    info.update(block_sizes=block_sizes, conjugated_blocks=keep)
     return x, info
+
+
+def history_blocks(rhs: torch.Tensor) -> int:
+    """Earlier blocks (P, A P) block_pcg keeps to conjugate against: as many of rhs's size as
+    1 / HISTORY_SHARE of the device's memory holds, at least one."""
+    block = 2 * rhs.numel() * rhs.element_size()  # P and A P
+    return max(1, device_memory(rhs.device) // HISTORY_SHARE // block)
 
 
 def _unit_rows(z: torch.Tensor) -> torch.Tensor:
@@ -376,7 +408,7 @@ def _pcg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tenso
     - benchmarks/scale.py's pretraining GGN, 20,000 examples, 3,322 parameters: 7 against 6
       (EK-FAC misses its top eigenvalue, 0.0098 against 0.027: M^{-1} C spans 0.15 to 7.5
       where C alone spans a condition number of 28);
-    - news' UPDATED Hessian: 7 against 7 (21.8 s with the fit against 18.3 s);
+    - news' UPDATED Hessian: 7 against 7 (its whole run's stage 15.98 s without the fit);
     - benchmarks/peers.py's small Hessian (5,829 parameters): 40 against 38 (1e-2)."""
     if config.preconditioner == "ekfac":
         fisher = "ggn" if objective.curvature == "ggn" else "empirical"

@@ -23,18 +23,17 @@ took 0.51 s where forward and reverse mode took 1.03 s.
 
 `GGNFactors.record` returns None, with the reason, where this does not apply: parameters
 outside dense layers (LayerNorm, embeddings, tied weights), more than GGN_EXACT_OUTPUTS outputs
-per example, or factors outgrowing `factor_budget` (an eighth of the device's memory); the
+per example, or factors outgrowing 1 / FACTOR_SHARE of the device's memory; the
 forward/reverse product (precompute.objective.Objective.ggn_sum) serves those.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from precompute.objective import Objective
+from precompute.objective import Objective, device_memory
 
 FACTOR_SHARE = 8  # the factors take at most this fraction (1 / FACTOR_SHARE) of the memory
 CHUNK_BUDGET = 2**22  # entries of a product's largest intermediate per chunk, on a CPU
@@ -64,8 +63,8 @@ class GGNFactors:
         cls, objective: Objective, budget: int | None = None
     ) -> tuple[GGNFactors | None, str]:
         """(factors, how products are taken): the factors from one pass over the objective's
-        data where they apply and fit the budget (stored entries; default `factor_budget`),
-        else (None, the reason)."""
+        data where they apply and fit the budget (stored entries; default 1 / FACTOR_SHARE of
+        the device's memory, precompute.objective.device_memory), else (None, the reason)."""
         from precompute.ekfac import EKFAC, EmbeddingRule, every_column, network_outputs
         from precompute.objective import batches
 
@@ -85,7 +84,8 @@ class GGNFactors:
         found = [r for r in _batch_factors(ekfac, first) if r is not None]
         per_example = sum((r.inputs.numel() + r.grads.numel()) // len(r.inputs) for r in found)
         if budget is None:
-            budget = factor_budget(objective.device) // objective.theta.element_size()
+            memory = device_memory(objective.device) // FACTOR_SHARE
+            budget = memory // objective.theta.element_size()
         if per_example * objective.n > budget:
             entries = per_example * objective.n
             return None, f"{fallback}: {entries:,} factor entries, over the budget of {budget:,}"
@@ -138,19 +138,6 @@ class GGNFactors:
             if r is not None:
                 back = torch.bmm(u, r.grads)  # [b, Q, G N out]
                 total += _outer(back, r.inputs)
-
-
-def factor_budget(device: torch.device) -> int:
-    """Bytes the stored factors may take: 1 / FACTOR_SHARE of the GPU's memory, or of the
-    machine's physical memory on a CPU (8 GiB where the system does not say)."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):
-            total = 8 * 2**30
-    return total // FACTOR_SHARE
 
 
 def _batch_factors(ekfac, columns: list[list]) -> list[_Recorded | None]:

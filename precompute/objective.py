@@ -23,6 +23,7 @@ Two curvatures of the data term, chosen per objective (`curvature`):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,6 +209,18 @@ PRODUCT_BUDGET = 2**22
 GPU_PRODUCT_BUDGET = 2**27
 MAX_PRODUCT_VECTORS = 256  # vectors in one vmapped product at most
 SUM_BLOCKS = 64  # a sum over the data is taken in at most this many blocks, added in order
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of a device: the GPU's, or the machine's physical memory for a CPU (8 GiB
+    where the system does not say)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 8 * 2**30
 
 
 def sum_blocks(n: int, batch_size: int) -> list[range]:

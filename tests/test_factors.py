@@ -148,11 +148,17 @@ def test_factors_past_the_budget_are_not_stored():
     assert GGNFactors.record(mlp_objective(), budget=1170)[0] is not None
 
 
-def test_the_budget_is_a_share_of_the_memory():
-    from precompute.factors import FACTOR_SHARE, factor_budget
+def test_the_default_budget_is_a_share_of_the_memory(monkeypatch):
+    import precompute.factors
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert factor_budget(torch.device("cpu")) == physical // FACTOR_SHARE
+    assert precompute.factors.device_memory(torch.device("cpu")) == physical
+    # 1,170 entries of 8 bytes: stored within 9,360 bytes, not within 9,359
+    share = precompute.factors.FACTOR_SHARE
+    monkeypatch.setattr(precompute.factors, "device_memory", lambda device: 9360 * share)
+    assert GGNFactors.record(mlp_objective())[0] is not None
+    monkeypatch.setattr(precompute.factors, "device_memory", lambda device: 9359 * share)
+    assert GGNFactors.record(mlp_objective())[0] is None
 
 
 @pytest.mark.parametrize("solver", ["pcg", "cg", "exact"])
