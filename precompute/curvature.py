@@ -230,10 +230,11 @@ def block_pcg(
     one product with A per step over at most Q rows, until every row's relative residual
     |r|/|b| is at most `tol`. A row that has converged stays in the block: its residual keeps
     adding directions that the rows still converging need. Freezing converged rows shrank the
-    block to the last few rows, which then crept on at one vector's speed: 272 steps against 98
-    on benchmarks/peers.py's small problem; keeping at least a quarter of the rows, 101 there
-    but 432 against 54 on a plain test problem with 16 rows (the cost: news' UPDATED system
-    takes its last step over all 100 rows where 12 were unconverged). Every row's X and R take
+    block to the last few rows, which then crept on at one vector's speed (measured with the
+    last block alone, below): 272 steps against 98 on benchmarks/peers.py's small problem;
+    keeping at least a quarter of the rows, 101 there but 432 against 54 on a plain test
+    problem with 16 rows (the cost: news' UPDATED system takes its last step over all 100 rows
+    where 12 were unconverged). Every row's X and R take
     each step's correction, the A-optimal one over the block. orth() scales the rows of Z to
     unit length, so small residuals count as much as large ones, and drops directions that are
     (numerically) dependent, the rank deflation that keeps P^T A P invertible when rows become
@@ -251,10 +252,14 @@ def block_pcg(
     arithmetic, rounding's share otherwise), and conjugates the next block against each,
     Z -= P_j (P_j^T A P_j)^{-1} (A P_j)^T Z, oldest first. Conjugation alone stalls near the
     working precision's floor, where the residual's error lies in directions already searched;
-    the corrections take it out. Explicit float32 matrices, steps to tolerance 1e-3 / 1e-6
-    (the last block alone, then every block): benchmarks/peers.py's small Hessian 71 / 133
-    and 39 / 62 (conjugation alone 39 / 164); benchmarks/scale.py's pretraining GGN 4 / 7 and
-    4 / 6. Each kept block costs 5 products of [Q, k] by [k, p] a step.
+    the corrections take it out. Each is made only where some row's part in the block's span
+    exceeds sqrt(eps) of the row (semi-orthogonality keeps the iteration as in exact
+    arithmetic: partial reorthogonalisation, Simon 1984), so a well-conditioned system pays
+    two products a kept block a step, to measure, and the info counts the `corrections`.
+    Explicit float32 matrices, steps to tolerance 1e-3 / 1e-6 with the last block alone, then
+    with every block: benchmarks/peers.py's small Hessian 71 / 133 and 39 / 62 (conjugation
+    alone, 39 / 164); benchmarks/scale.py's pretraining GGN 4 / 7 and 4 / 6. news' UPDATED
+    system (float64) takes its 7 steps either way, in the same time (12 corrections).
     """
     x = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -264,6 +269,8 @@ def block_pcg(
     lowest = float("inf")
     iterations, block_sizes = 0, []
     keep = keep if keep is not None else history_blocks(rhs)
+    level = torch.finfo(rhs.dtype).eps ** 0.5  # semi-orthogonality suffices (Simon 1984)
+    corrections = 0
     past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (P, A P, (P^T A P)^-1)
     p = _orthonormal_rows(_unit_rows(precondition(r))) if active.any() else None
     bar = tqdm(total=max_iter, desc="block PCG", unit="it", leave=False, disable=None)
@@ -283,25 +290,39 @@ def block_pcg(
         inverse = (vectors / eigenvalues) @ vectors.T  # (P^T A P)^{-1}, [k, k] float64
         # the [Q, k] products in the working dtype, like the Gram: only the k x k solve in float64
         alpha = ((r @ p.T).double() @ inverse).to(rhs.dtype)  # rows: [Q, k]
-        x += alpha @ p
-        r -= alpha @ ap
+        x.addmm_(alpha, p)
+        r.addmm_(alpha, ap, alpha=-1)
         for p_j, ap_j, inverse_j in past:  # what rounding left of R in earlier blocks' span
-            alpha_j = ((r @ p_j.T).double() @ inverse_j).to(rhs.dtype)
-            x += alpha_j @ p_j
-            r -= alpha_j @ ap_j
+            share = r @ p_j.T  # zero in exact arithmetic
+            if _negligible(share, r, level):
+                continue
+            alpha_j = (share.double() @ inverse_j).to(rhs.dtype)
+            x.addmm_(alpha_j, p_j)
+            r.addmm_(alpha_j, ap_j, alpha=-1)
+            corrections += 1
         active = r.norm(dim=1) > target
         if not active.any():
             break
         past = [*past, (p, ap, inverse)][-keep:]
         z = precondition(r)
-        for p_j, ap_j, inverse_j in past:
+        for j, (p_j, ap_j, inverse_j) in enumerate(past):
             beta = ((z @ ap_j.T).double() @ inverse_j).to(rhs.dtype)  # [Q, k]
+            newest = j == len(past) - 1  # the recurrence itself; the others zero when exact
+            if not newest and _negligible(beta, z, level):
+                continue
             z = z - beta @ p_j
+            corrections += not newest
         p = _orthonormal_rows(_unit_rows(z))
     bar.close()
     info = _iterative_info(r, rhs, tol, iterations, negative, lowest)
-    info.update(block_sizes=block_sizes, conjugated_blocks=keep)
+    info.update(block_sizes=block_sizes, conjugated_blocks=keep, corrections=corrections)
     return x, info
+
+
+def _negligible(coefficients: torch.Tensor, rows: torch.Tensor, level: float) -> bool:
+    """Whether every row's coefficients over an orthonormal block ([Q, k], the norm of that
+    row's part in the block's span) are at most `level` times the row's norm."""
+    return bool((coefficients.norm(dim=1) <= level * rows.norm(dim=1)).all())
 
 
 def history_blocks(rhs: torch.Tensor) -> int:
