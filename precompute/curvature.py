@@ -154,17 +154,23 @@ def solve_exact(hvp: Hvp, rhs: torch.Tensor, damping: float | str) -> tuple[torc
 
 
 def solve_cg(
-    hvp: Hvp, rhs: torch.Tensor, damping: float | str, tol: float = 1e-6, max_iter: int = 500
+    hvp: Hvp,
+    rhs: torch.Tensor,
+    damping: float | str,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    mean: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """X = (C + d I)^{-1} B by conjugate gradients on all rows at once.
 
     Each iteration makes one batched curvature product over the rows not yet converged
-    (relative residual |b - (C + dI) x| / |b| <= tol). Damping "auto" is 1e-3 * the Hutchinson
-    estimate of the mean eigenvalue. A row meeting non-positive curvature stops there and counts
-    as unconverged. The info lists the unconverged rows and the lowest Rayleigh quotient
-    p^T (C + dI) p / |p|^2 met along the search directions.
+    (relative residual |b - (C + dI) x| / |b| <= tol). Damping "auto" is 1e-3 * the mean
+    eigenvalue: `mean` where known exactly (trace(C) / p), else its Hutchinson estimate. A row
+    meeting non-positive curvature stops there and counts as unconverged. The info lists the
+    unconverged rows and the lowest Rayleigh quotient p^T (C + dI) p / |p|^2 met along the
+    search directions.
     """
-    mean = mean_eigenvalue(hvp, rhs.shape[1], rhs)
+    mean = mean if mean is not None else mean_eigenvalue(hvp, rhs.shape[1], rhs)
     d = damping_for(damping, mean)
 
     def damped(v: torch.Tensor) -> torch.Tensor:
@@ -368,16 +374,17 @@ def solve_pcg_hvp(
     precondition: Callable[[torch.Tensor, float], torch.Tensor],
     tol: float = 1e-6,
     max_iter: int = 500,
+    mean: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """X = (C + d I)^{-1} B by `block_pcg` with M^{-1} = precondition(., d).
 
-    The mean eigenvalue (Hutchinson, for "auto" damping and for the relative damping reported)
-    costs a product with 16 probe rows: computed first when the damping is "auto", and
-    otherwise appended to the first step's block, whose pass over the data it shares.
+    The mean eigenvalue (for "auto" damping and for the relative damping reported) is `mean`
+    where known exactly (trace(C) / p), else a Hutchinson estimate, which costs a product with
+    16 probe rows: computed first when the damping is "auto", and otherwise appended to the
+    first step's block, whose pass over the data it shares.
     """
     size = rhs.shape[1]
-    mean: float | None = None
-    if damping == "auto":
+    if mean is None and damping == "auto":
         mean = mean_eigenvalue(hvp, size, rhs)
     d = damping_for(damping, mean)
     probes = rademacher(PROBES, size, rhs)
@@ -414,7 +421,10 @@ def _exact(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Ten
 
 
 def _cg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tensor, dict]:
-    x, info = solve_cg(objective.hvp, rhs, config.damping, config.cg_tol, config.cg_max_iter)
+    x, info = solve_cg(
+        objective.hvp, rhs, config.damping, config.cg_tol, config.cg_max_iter,
+        objective.mean_eigenvalue(),
+    )  # fmt: skip
     return x, {**info, "curvature": objective.curvature}
 
 
@@ -440,8 +450,9 @@ def _pcg(objective, rhs: torch.Tensor, config: SolveConfig) -> tuple[torch.Tenso
     else:
         precondition, name, layout = regulariser_preconditioner(objective.reg), "regulariser", {}
     x, info = solve_pcg_hvp(
-        objective.hvp, rhs, config.damping, precondition, config.cg_tol, config.cg_max_iter
-    )
+        objective.hvp, rhs, config.damping, precondition, config.cg_tol, config.cg_max_iter,
+        objective.mean_eigenvalue(),
+    )  # fmt: skip
     info.update(curvature=objective.curvature, preconditioner=name, **layout)
     return x, info
 

@@ -442,6 +442,14 @@ class Objective:
         blocks = sum_blocks(self.n, size)
         return ordered_sum(term(vectors, b, size) for b in blocks) / self.n
 
+    def mean_eigenvalue(self) -> float | None:
+        """trace(C) / p exactly where the stored Gauss-Newton factors give the data term's
+        trace (precompute.factors.GGNFactors.trace; the regulariser adds sum(reg)), else None:
+        solvers then estimate it (Hutchinson)."""
+        if self.factors is None or self.sharded is not None:
+            return None
+        return (self.factors.trace() + self.reg.sum().item()) / self.size
+
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """C @ v for each row v of vectors [Q, p], C = the chosen curvature of F: the data term's
         Hessian or GGN, plus diag(reg) (quadratic, so exact in both)."""

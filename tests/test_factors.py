@@ -122,6 +122,33 @@ def test_products_in_chunks_of_examples_add_up_to_the_whole(monkeypatch):
     assert_products_agree(objective)
 
 
+@pytest.mark.parametrize("make", [mlp_objective, mixed_objective])
+def test_the_trace_is_the_sum_of_the_diagonal(make, monkeypatch):
+    """Against the diagonal read off products with the unit vectors; the convolution's and the
+    Linear over positions' groups and positions go through their Gram matrices, a few examples
+    at a time."""
+    import precompute.factors
+
+    objective = make()
+    diagonal = objective.data_ggn(torch.eye(objective.size, dtype=torch.float64)).diagonal()
+    monkeypatch.setattr(precompute.factors, "CHUNK_BUDGET", 1)  # one example at a time
+    factors, _ = GGNFactors.record(objective)
+    assert factors.trace() == pytest.approx(diagonal.sum().item(), rel=1e-12)
+    objective.factors = factors
+    mean = (diagonal.sum() + objective.reg.sum()).item() / objective.size
+    assert objective.mean_eigenvalue() == pytest.approx(mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["pcg", "cg"])
+def test_auto_damping_takes_the_exact_mean_eigenvalue_from_the_factors(solver):
+    """The exact solver's mean of the eigenvalues, where a Hutchinson estimate differed."""
+    rhs = torch.randn(3, mlp_objective().size, generator=torch.Generator().manual_seed(4)).double()
+    _, exact = solve(mlp_objective(), rhs, SolveConfig("exact", "auto"))
+    _, info = solve(mlp_objective(), rhs, SolveConfig(solver, "auto", cg_tol=1e-10))
+    assert info["mean_eigenvalue"] == pytest.approx(exact["mean_eigenvalue"], rel=1e-10)
+    assert info["damping"] == pytest.approx(exact["damping"], rel=1e-10)
+
+
 @pytest.mark.parametrize(
     ("objective", "reason"),
     [
