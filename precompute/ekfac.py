@@ -193,6 +193,13 @@ class EKFAC:
         for item in self._batches(within):
             yield list(self._calls(item))
 
+    def column_parts(self, within: range | None = None):
+        """For each batch of the data (the examples in `within`, default all): its layer calls
+        per output weighting, as `column_calls` yields them, and the parts [batch, w] that
+        `loss_fn` takes, one per weighting, in the same order."""
+        for item in self._batches(within):
+            yield list(self._calls(item)), list(self._weighted(item))
+
     def _calls(self, item):
         """The layer calls of one item of `_batches`, once for the empirical Fisher, once per
         output weighting for the GGN (one forward for all of them)."""

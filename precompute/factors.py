@@ -8,12 +8,14 @@ outputs (precompute.ekfac.ggn_roots), the data term of the GGN is
 phi_ik being the gradient of <f_i, L_i e_k> (weights held constant). In a dense layer
 (precompute.layers.DenseRule: nn.Linear, nn.Conv1d/Conv2d, GPT-2's Conv1D) the weight's part of
 phi_ik is sum_n g_ikn a_in^T, with a_in the layer's input at output position n (the bias as a
-column of ones) and g_ikn the gradient of <f_i, L_i e_k> at its output. When every parameter of
-an objective belongs to such layers, one pass over the data records a [n, G, N, in] and
-g [n, K, G N out] per layer (K backward passes from one forward, as EK-FAC's Gauss-Newton fit
-does), and every product after that is
+column of ones) and g_ikn the gradient of <f_i, L_i e_k> at its output. One pass over the data
+records a [n, G, N, in] and g [n, K, G N out] per layer (K backward passes from one forward, as
+EK-FAC's Gauss-Newton fit does); the parameters outside such layers (LayerNorm, a tied weight,
+a layer called on inputs not split by example) keep their part of phi_ik itself, [n, K, p_o]
+(per-example gradients by vmap). Every product after that is
 
-    u_ik = phi_ik^T v = sum_layers sum_n g_ikn^T V a_in,     C v = (1/n) sum_i sum_k u_ik phi_ik,
+    u_ik = phi_ik^T v = sum_layers sum_n g_ikn^T V a_in (+ phi_ik,o^T v_o),
+    C v = (1/n) sum_i sum_k u_ik phi_ik,
 
 two matrix products per layer with the stored inputs (a forward's and a backward's flops for
 the layer, in large matrix products) and two small per-example products with the stored output
@@ -23,9 +25,9 @@ took 0.436 s where forward and reverse mode took 1.073 s (benchmarks/products.py
 also give the data term's trace exactly (`trace`), which "auto" damping takes in place of a
 Hutchinson estimate.
 
-`GGNFactors.record` returns None, with the reason, where this does not apply: parameters
-outside dense layers (LayerNorm, embeddings, tied weights), more than GGN_EXACT_OUTPUTS outputs
-per example, or factors outgrowing 1 / FACTOR_SHARE of the device's memory; the
+`GGNFactors.record` returns None, with the reason, where this does not apply: embeddings (their
+per-example gradients are as wide as the vocabulary), more than GGN_EXACT_OUTPUTS outputs per
+example, or factors outgrowing 1 / FACTOR_SHARE of the device's memory; the
 forward/reverse product (precompute.objective.Objective.ggn_sum) serves those.
 """
 
@@ -45,20 +47,32 @@ GPU_CHUNK_BUDGET = 2**27
 @dataclass
 class _Recorded:
     """One batch of one layer: its inputs [B, G, N, in(+1)] and the output gradients of every
-    output column [B, K, G N out], positions of repeated calls joined along N."""
+    output column [B, K, G N out], positions of repeated calls joined along N. For the
+    parameters outside dense layers: inputs None, and grads their part of phi_ik itself
+    [B, K, p_outside]."""
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | None
     grads: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> _Recorded:
+        """The examples start:stop (views)."""
+        inputs = None if self.inputs is None else self.inputs[start:stop]
+        return _Recorded(inputs, self.grads[start:stop])
 
 
 class GGNFactors:
     """The stored layer factors of an objective's Gauss-Newton matrix; `product` multiplies by
     its data term."""
 
-    def __init__(self, objective: Objective, blocks: list, recorded: list[list[_Recorded]]):
+    def __init__(
+        self, objective: Objective, blocks: list, outside, recorded: list[list[_Recorded]]
+    ):  # fmt: skip
         self.objective = objective
         self.blocks = blocks  # precompute.ekfac._Block, one per dense layer
-        self.recorded = recorded  # per batch, per block (None: the layer never reached the loss)
+        self.outside = outside  # ParamSpace of the parameters outside them (maybe empty)
+        # per batch, per block (None: the layer never reached the loss), then the parameters
+        # outside the blocks' gradients where there are any
+        self.recorded = recorded
         self._trace: float | None = None
 
     @classmethod
@@ -75,10 +89,9 @@ class GGNFactors:
             return None, "Hessian products by double backward"
         fallback = "forward and reverse mode"
         ekfac = EKFAC(objective, fisher="ggn")
-        outside = list(ekfac.diagonal_space.names)
-        outside += [b.weight for b in ekfac.blocks if isinstance(b.rule, EmbeddingRule)]
-        if outside:
-            return None, f"{fallback}: {', '.join(outside[:3])} outside dense layers"
+        embeddings = [b.weight for b in ekfac.blocks if isinstance(b.rule, EmbeddingRule)]
+        if embeddings:
+            return None, f"{fallback}: {', '.join(embeddings[:3])} outside dense layers"
         probe = next(batches(objective.dataset, min(2, objective.n), objective.device))
         outputs = network_outputs(objective.split, objective.model, probe)
         if not every_column(outputs):
@@ -86,14 +99,15 @@ class GGNFactors:
         first = next(ekfac.column_calls(range(min(2, objective.n))))
         found = [r for r in _batch_factors(ekfac, first) if r is not None]
         per_example = sum((r.inputs.numel() + r.grads.numel()) // len(r.inputs) for r in found)
+        per_example += len(first) * ekfac.diagonal_space.size  # K columns of the outside part
         if budget is None:
             memory = device_memory(objective.device) // FACTOR_SHARE
             budget = memory // objective.theta.element_size()
         if per_example * objective.n > budget:
             entries = per_example * objective.n
             return None, f"{fallback}: {entries:,} factor entries, over the budget of {budget:,}"
-        recorded = [_batch_factors(ekfac, columns) for columns in ekfac.column_calls()]
-        return cls(objective, ekfac.blocks, recorded), "stored layer factors"
+        recorded = list(_record(ekfac))
+        return cls(objective, ekfac.blocks, ekfac.diagonal_space, recorded), "stored layer factors"
 
     @torch.no_grad()
     def product(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -106,13 +120,18 @@ class GGNFactors:
         weights = [
             _as_matrix(b, parts).permute(1, 2, 0, 3).contiguous() for b in self.blocks
         ]  # fmt: skip
+        if self.outside.names:  # the rows' part outside the blocks, [p_outside, Q]
+            rows = [parts[n].reshape(len(vectors), -1) for n in self.outside.names]
+            weights.append(torch.cat(rows, 1).T.contiguous())
         sums = [torch.zeros_like(w) for w in weights]
         for layers in self.recorded:
             for chunk in self._chunks(layers, len(vectors)):
                 self._add(chunk, weights, sums)
         out = {}
-        for block, total in zip(self.blocks, sums, strict=True):
+        for block, total in zip(self.blocks, sums, strict=False):  # then the outside part
             out.update(_from_matrix(block, total.permute(2, 0, 1, 3) / self.objective.n))
+        if self.outside.names:
+            out.update(self.outside.unflatten(sums[-1].T / self.objective.n))
         return torch.cat([out[n].reshape(len(vectors), -1) for n in space.names], 1)
 
     def trace(self) -> float:
@@ -135,15 +154,11 @@ class GGNFactors:
         if not present:
             return
         budget = GPU_CHUNK_BUDGET if self.objective.device.type == "cuda" else CHUNK_BUDGET
-        widest = max(r.grads.shape[2] for r in present)
+        # the outside part's intermediate is u's own [b, K, Q]
+        widest = max(r.grads.shape[1 if r.inputs is None else 2] for r in present)
         size = max(1, budget // (rows * widest))
-        for start in range(0, len(present[0].inputs), size):
-            yield [
-                None if r is None else _Recorded(
-                    r.inputs[start : start + size], r.grads[start : start + size]
-                )
-                for r in layers
-            ]  # fmt: skip
+        for start in range(0, len(present[0].grads), size):
+            yield [None if r is None else r.rows(start, start + size) for r in layers]
 
     @staticmethod
     def _add(layers: list[_Recorded | None], weights: list, sums: list) -> None:
@@ -152,15 +167,42 @@ class GGNFactors:
         for r, w in zip(layers, weights, strict=True):
             if r is None:
                 continue
+            if r.inputs is None:  # phi's outside part [b, K, p_o] times the rows' [p_o, Q]
+                term = torch.matmul(r.grads, w)
+                u = term if u is None else u.add_(term)
+                continue
             projected = _project(r.inputs, w)  # [b, G N out, Q]
             if u is None:
                 u = torch.bmm(r.grads, projected)  # [b, K, Q]
             else:
                 u.baddbmm_(r.grads, projected)
         for r, total in zip(layers, sums, strict=True):
-            if r is not None:
-                back = torch.bmm(r.grads.transpose(1, 2), u)  # [b, G N out, Q]
-                _add_outer(total, back, r.inputs)
+            if r is None:
+                continue
+            if r.inputs is None:  # [p_o, Q] += sum_i sum_k phi_ik u_ik^T
+                total.addmm_(r.grads.flatten(0, 1).T, u.flatten(0, 1))
+                continue
+            back = torch.bmm(r.grads.transpose(1, 2), u)  # [b, G N out, Q]
+            _add_outer(total, back, r.inputs)
+
+
+def _record(ekfac):
+    """Per batch of the objective's data: each dense block's factors (`_batch_factors`), then,
+    where parameters lie outside the blocks (LayerNorm, a tied weight, a layer called on
+    inputs not split by example), their part of every phi_ik, per-example gradients of
+    <f_i, L_i e_k> by vmap (precompute.objective.batch_grads)."""
+    from precompute.objective import batch_grads, functional_loss
+
+    outside = ekfac.diagonal_space
+    if outside.names:
+        loss = functional_loss(ekfac.model, ekfac.loss_fn, outside)
+        theta = outside.read(ekfac.model)
+    for columns, parts in ekfac.column_parts():
+        layers = _batch_factors(ekfac, columns)
+        if outside.names:
+            grads = torch.stack([batch_grads(loss, theta, part) for part in parts], 1)
+            layers.append(_Recorded(None, grads))
+        yield layers
 
 
 def _batch_factors(ekfac, columns: list[list]) -> list[_Recorded | None]:
@@ -211,6 +253,8 @@ def _add_outer(total: torch.Tensor, back: torch.Tensor, inputs: torch.Tensor) ->
 def _squared_norms(r: _Recorded) -> float:
     """sum_i sum_k |sum_n g_ikn a_in^T|^2 over one batch of one layer (every group), through
     the positions' Gram matrices, a few examples at a time."""
+    if r.inputs is None:  # phi's outside part itself
+        return r.grads.square().sum().item()
     b, groups, positions, width = r.inputs.shape
     columns = r.grads.shape[1]
     grads = r.grads.reshape(b, columns, groups, positions, -1)

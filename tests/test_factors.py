@@ -56,6 +56,32 @@ class WithNorm(Mlp):
         return self.out(self.norm(torch.tanh(self.hidden(x))))
 
 
+class Tied(Mlp):
+    """A square weight shared by two Linear modules: no single layer owns it, so it (and the
+    bias of the module it leaves) keeps its gradients as they are, beside the factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.again = nn.Linear(6, 6)
+        self.again.weight = self.square = nn.Parameter(torch.randn(6, 6) / 3)
+        self.first = nn.Linear(6, 6, bias=False)
+        self.first.weight = self.square
+
+    def forward(self, x):
+        h = torch.tanh(self.first(torch.tanh(self.hidden(x))))
+        return self.out(torch.tanh(self.again(h)))
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.embed(x).mean(1))
+
+
 def outputs_of(model, batch):
     return model(batch[0])
 
@@ -74,7 +100,9 @@ def objective_for(model, x, y, loss, name, names=None, batch_size=7):
     space = ParamSpace.of(model, names)
     reg = torch.full((space.size,), 0.01, dtype=torch.float64)
     split = LossSplit(outputs_of, STANDARD_LOSSES[name], "test")
-    data = TensorDataset(x.double(), y if y.dtype == torch.long else y.double())
+    data = TensorDataset(
+        x.double() if x.is_floating_point() else x, y if y.dtype == torch.long else y.double()
+    )
     return Objective(model, loss, data, space, reg, batch_size, curvature="ggn", split=split)
 
 
@@ -108,6 +136,37 @@ def test_convolutions_positions_repeated_calls_and_a_layer_without_bias():
     assert_products_agree(mixed_objective())
 
 
+def norm_objective():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    torch.manual_seed(0)
+    return objective_for(WithNorm(), x, y, cross_entropy, "cross-entropy")
+
+
+def tied_objective():
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    torch.manual_seed(0)
+    return objective_for(Tied(), x, y, cross_entropy, "cross-entropy")
+
+
+def test_parameters_outside_dense_layers_keep_their_gradients():
+    """LayerNorm's weight and bias: their per-example gradients of every output column are
+    stored as they are, beside the dense layers' factors."""
+    objective = norm_objective()
+    assert_products_agree(objective)
+    assert GGNFactors.record(objective)[0].outside.names == ("norm.weight", "norm.bias")
+
+
+def test_a_tied_weight_keeps_its_gradients_and_the_layers_their_factors(monkeypatch):
+    import precompute.factors
+
+    monkeypatch.setattr(precompute.factors, "CHUNK_BUDGET", 1)  # one example at a time
+    objective = tied_objective()
+    assert_products_agree(objective)
+    assert GGNFactors.record(objective)[0].outside.names == ("square", "again.bias")
+
+
 def test_a_space_of_some_layers_with_a_bias_left_out():
     """The space's parameters only: a bias outside it is a constant, not a column of ones."""
     names = ["conv.weight", "conv.bias", "twice.weight", "out.weight"]
@@ -122,7 +181,7 @@ def test_products_in_chunks_of_examples_add_up_to_the_whole(monkeypatch):
     assert_products_agree(objective)
 
 
-@pytest.mark.parametrize("make", [mlp_objective, mixed_objective])
+@pytest.mark.parametrize("make", [mlp_objective, mixed_objective, norm_objective])
 def test_the_trace_is_the_sum_of_the_diagonal(make, monkeypatch):
     """Against the diagonal read off products with the unit vectors; the convolution's and the
     Linear over positions' groups and positions go through their Gram matrices, a few examples
@@ -155,10 +214,10 @@ def test_auto_damping_takes_the_exact_mean_eigenvalue_from_the_factors(solver):
         (lambda: mlp_objective(outputs=17), "17 outputs per example"),
         (
             lambda: objective_for(
-                WithNorm(), torch.randn(10, 4), torch.randint(0, 3, (10,)), cross_entropy,
-                "cross-entropy",
+                WithEmbedding(), torch.randint(0, 7, (10, 5)), torch.randint(0, 3, (10,)),
+                cross_entropy, "cross-entropy",
             ),
-            "norm.weight, norm.bias outside dense layers",
+            "embed.weight outside dense layers",
         ),
     ],
 )  # fmt: skip
