@@ -270,15 +270,15 @@ def _record(ekfac):
     from precompute.objective import batch_grads, functional_loss
 
     outside = ekfac.diagonal_space
-    if outside.names:
-        loss = functional_loss(ekfac.model, ekfac.loss_fn, outside)
-        theta = outside.read(ekfac.model)
+    if not outside.names:
+        for columns in ekfac.column_calls():
+            yield _batch_factors(ekfac, columns)
+        return
+    loss = functional_loss(ekfac.model, ekfac.loss_fn, outside)
+    theta = outside.read(ekfac.model)
     for columns, parts in ekfac.column_parts():
-        layers = _batch_factors(ekfac, columns)
-        if outside.names:
-            grads = torch.stack([batch_grads(loss, theta, part) for part in parts], 1)
-            layers.append(_Outside(grads))
-        yield layers
+        grads = torch.stack([batch_grads(loss, theta, part) for part in parts], 1)
+        yield [*_batch_factors(ekfac, columns), _Outside(grads)]
 
 
 def _batch_factors(ekfac, columns: list[list]) -> list[_Recorded | None]:
