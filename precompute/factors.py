@@ -47,23 +47,30 @@ GPU_CHUNK_BUDGET = 2**27
 
 
 @dataclass
-class _Dense:
-    """One batch of one dense layer: its inputs [B, G, N, in(+1)] and the output gradients of
-    every output column [B, K, G N out], positions of repeated calls joined along N. The rows
-    it multiplies are [G, out, Q, in(+1)] (`_as_matrix`, permuted), so that the projections
-    come out [b, G N out, Q] and the per-example products with the gradients are Q wide: 0.35-
-    0.37 s against 0.42-0.44 s for [b, Q, G N out] on scale's MLP (100 rows)."""
+class _Inputs:
+    """A layer's stored inputs and output gradients of every output column for one batch, the
+    gradients [B, K, width]: how a dense layer and an embedding are kept alike."""
 
     inputs: torch.Tensor
     grads: torch.Tensor
 
-    def rows(self, start: int, stop: int) -> _Dense:
-        return _Dense(self.inputs[start:stop], self.grads[start:stop])
+    def rows(self, start: int, stop: int):
+        """The examples start:stop (views), of the same kind."""
+        return type(self)(self.inputs[start:stop], self.grads[start:stop])
 
     @property
     def width(self) -> int:
         """Entries per example and row of the product's largest intermediate."""
         return self.grads.shape[2]
+
+
+@dataclass
+class _Dense(_Inputs):
+    """One batch of one dense layer: its inputs [B, G, N, in(+1)] and the output gradients of
+    every output column [B, K, G N out], positions of repeated calls joined along N. The rows
+    it multiplies are [G, out, Q, in(+1)] (`_as_matrix`, permuted), so that the projections
+    come out [b, G N out, Q] and the per-example products with the gradients are Q wide: 0.35-
+    0.37 s against 0.42-0.44 s for [b, Q, G N out] on scale's MLP (100 rows)."""
 
     def project(self, w: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
         """u [b, K, Q] += the layer's part of phi_ik^T v, sum_n g_ikn^T V a_in."""
@@ -95,23 +102,13 @@ class _Dense:
 
 
 @dataclass
-class _Tokens:
+class _Tokens(_Inputs):
     """One batch of one embedding: its token ids [B, N] and the output gradients of every
     output column [B, K, N d] (padding positions zeroed), repeated calls joined along N. Row
     t of the weight's part of phi_ik is sum_{n: t_in = t} g_ikn. The rows it multiplies are
     [vocabulary, d, Q], so that the rows gathered by token are [b, N d, Q] as they lie, for
     one batched product with the gradients: 0.67 s against 1.27-1.67 s for [vocabulary, Q, d]
     gathered then permuted (20,000 examples of 8 tokens, d = 32, Q = 100; a scratch script)."""
-
-    inputs: torch.Tensor
-    grads: torch.Tensor
-
-    def rows(self, start: int, stop: int) -> _Tokens:
-        return _Tokens(self.inputs[start:stop], self.grads[start:stop])
-
-    @property
-    def width(self) -> int:
-        return self.grads.shape[2]
 
     def project(self, w: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
         """u [b, K, Q] += sum_n g_ikn . V[t_in]."""
