@@ -2,7 +2,9 @@
 in one run: the eigenvalue pass's shortcut for layers called once at one position per example
 against squaring materialised per-example rotated gradients [B, out, in] (the empirical
 Fisher); with `--fisher ggn`, the exact Gauss-Newton fit's one forward for every column of the
-loss Hessian's root (10 classes: 10 columns) against a forward per column.
+loss Hessian's root (10 classes: 10 columns) against a forward per column, and the root in
+closed form (cross-entropy's diag(sqrt p) - p sqrt(p)^T, as a recognised loss brings it) against
+K forward-over-reverse products and an eigendecomposition per batch (as task hooks get it).
 
     python benchmarks/ekfac_fit.py --m 100000
     python benchmarks/ekfac_fit.py --m 20000 --fisher ggn
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from pretraining_pass import loss_fn, model_and_data
 
 from precompute.ekfac import EKFAC, network_outputs
-from precompute.gauss_newton import STANDARD_LOSSES
+from precompute.gauss_newton import STANDARD_LOSSES, STANDARD_ROOTS
 from precompute.layers import layer_calls
 from precompute.objective import LossSplit, Objective
 
@@ -44,32 +47,39 @@ def main() -> None:
     parser.add_argument("--fisher", choices=("empirical", "ggn"), default="empirical")
     args = parser.parse_args()
     model, data, space, s = model_and_data(args.m, 32, "cpu")
-    split = LossSplit(lambda mod, b: mod(b[0]), STANDARD_LOSSES["cross-entropy"], "benchmark")
-    objective = Objective(
-        model, loss_fn, data, space, torch.full((space.size,), 1e-3), 256, split=split
-    )  # fmt: skip
+    ce = STANDARD_LOSSES["cross-entropy"]
+    split = LossSplit(
+        lambda mod, b: mod(b[0]), ce, "benchmark", root=STANDARD_ROOTS["cross-entropy"]
+    )
+    reg = torch.full((space.size,), 1e-3)
+    objective = Objective(model, loss_fn, data, space, reg, 256, split=split)
     if args.fisher == "ggn":
-        attribute, methods = "_calls", (("per column", a_forward_per_column),)
+        attribute, methods = "_calls", [("per column", a_forward_per_column, objective)]
+        by_products = Objective(
+            model, loss_fn, data, space, reg, 256, split=replace(split, root=None)
+        )
+        methods.append(("root by products", EKFAC._calls, by_products))
         fast = "one forward"
     else:
-        attribute, methods = "_squared_rotated", (("materialised", materialised),)
+        attribute, methods = "_squared_rotated", [("materialised", materialised, objective)]
         fast = "shortcut"
-    methods += ((fast, getattr(EKFAC, attribute)),)
+    methods.append((fast, getattr(EKFAC, attribute), objective))
     best: dict[str, float] = {}
     for _ in range(args.repeats):
-        for name, method in methods:
+        for name, method, system in methods:
             setattr(EKFAC, attribute, method)
             start = time.perf_counter()
-            fitted = EKFAC(objective, fisher=args.fisher).fit()
+            fitted = EKFAC(system, fisher=args.fisher).fit()
             seconds = time.perf_counter() - start
             best[name] = min(best.get(name, seconds), seconds)
             norm = float(fitted.solve(s, 1e-3).norm())
-            print(f"{name:<13} {seconds:8.2f} s   |solve(S)| = {norm:.6g}")
+            print(f"{name:<16} {seconds:8.2f} s   |solve(S)| = {norm:.6g}")
     setattr(EKFAC, attribute, methods[-1][1])
-    slow = methods[0][0]
+    ratios = "; ".join(
+        f"{name} / {fast} = {best[name] / best[fast]:.2f}" for name, *_ in methods[:-1]
+    )
     print(f"m={args.m:,} p={space.size:,}: EK-FAC fit ({args.fisher}) "
-          f"{args.m / best[fast]:,.0f} examples/s; {slow} / {fast} = "
-          f"{best[slow] / best[fast]:.2f}")  # fmt: skip
+          f"{args.m / best[fast]:,.0f} examples/s; {ratios}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -65,6 +65,27 @@ def _squared_sample(reduce: str, half: bool):
     return sample
 
 
+def _cross_entropy_root(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    """L = diag(sqrt p) - p sqrt(p)^T [B, K, K]: L L^T = diag(p) - 2 p p^T + p (sqrt p . sqrt p)
+    p^T = diag(p) - p p^T (the entries of p sum to 1), the Hessian of cross-entropy in the
+    logits."""
+    p = outputs.softmax(-1)
+    root = p.sqrt()
+    return torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
+
+
+def _squared_root(reduce: str, half: bool):
+    """L = sqrt(c) I [B, K, K]: L L^T = c I, the Hessian of the squared error (c as in
+    `_squared_sample`)."""
+
+    def root(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        flat = outputs.reshape(len(outputs), -1)
+        c = (1.0 if half else 2.0) / (flat.shape[1] if reduce == "mean" else 1)
+        return torch.diag_embed(torch.full_like(flat, c**0.5))
+
+    return root
+
+
 _SQUARED = [(reduce, half) for reduce in ("sum", "mean") for half in (False, True)]
 STANDARD_LOSSES = {
     "cross-entropy": _cross_entropy,
@@ -74,6 +95,11 @@ STANDARD_LOSSES = {
 STANDARD_SAMPLES = {
     "cross-entropy": _cross_entropy_sample,
     **{f"{'half ' if h else ''}squared error ({r})": _squared_sample(r, h) for r, h in _SQUARED},
+}
+# per standard loss: a root L_i of the loss Hessian in the outputs (L_i L_i^T = H_i), [B, K, K]
+STANDARD_ROOTS = {
+    "cross-entropy": _cross_entropy_root,
+    **{f"{'half ' if h else ''}squared error ({r})": _squared_root(r, h) for r, h in _SQUARED},
 }
 
 
@@ -110,7 +136,9 @@ def loss_split(task: MultiStageTask, stage: str, model: torch.nn.Module, batch: 
     outputs, where = _standard_outputs(task, stage)
     if isinstance(batch, list | tuple) and len(batch) >= 2:
         for name, h in STANDARD_LOSSES.items():
-            split = LossSplit(outputs, h, f"{name} of {where}", STANDARD_SAMPLES[name])
+            split = LossSplit(
+                outputs, h, f"{name} of {where}", STANDARD_SAMPLES[name], STANDARD_ROOTS[name]
+            )
             if _agrees(split, model, batch, expected):
                 return split
     raise TaskError(

@@ -271,12 +271,51 @@ def test_closed_form_samples_have_the_loss_hessian_as_second_moment(name):
     torch.testing.assert_close(second, hessian, rtol=0, atol=0.03 * hessian.abs().max().item())
 
 
-def test_a_recognised_loss_brings_its_sampler():
+def test_a_recognised_loss_brings_its_sampler_and_root():
     task = TinyTask()
     split = loss_split(task, "pretrain", task.pretrained_model(), task.pretrain_data()[:8])
-    from precompute.gauss_newton import STANDARD_SAMPLES
+    from precompute.gauss_newton import STANDARD_ROOTS, STANDARD_SAMPLES
 
     assert split.sample is STANDARD_SAMPLES["cross-entropy"]
+    assert split.root is STANDARD_ROOTS["cross-entropy"]
+
+
+@pytest.mark.parametrize("name", list(STANDARD_LOSSES))
+def test_closed_form_roots_are_roots_of_the_loss_hessian(name):
+    """A standard loss's root L (split.root) gives L L^T = the loss Hessian in the outputs that
+    ggn_roots otherwise takes by K forward-over-reverse products and an eigendecomposition."""
+    from precompute.ekfac import ggn_roots
+    from precompute.gauss_newton import STANDARD_ROOTS
+
+    model, data = model_and_data(n=6)
+    x, y = data.tensors
+    if name != "cross-entropy":
+        y = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    closed = ggn_roots(
+        LossSplit(logits_of, STANDARD_LOSSES[name], name, root=STANDARD_ROOTS[name]), model, [x, y]
+    )
+    general = ggn_roots(LossSplit(logits_of, STANDARD_LOSSES[name], name), model, [x, y])
+    assert closed.shape == general.shape == (6, 3, 3)
+    hessian = general @ general.transpose(1, 2)
+    torch.testing.assert_close(closed @ closed.transpose(1, 2), hessian, rtol=1e-12, atol=1e-14)
+    if name == "cross-entropy":  # another root than the eigendecomposition's: fits take either
+        assert not torch.allclose(closed, general)
+
+
+def test_ekfac_of_the_ggn_is_the_same_for_any_root_of_the_loss_hessian():
+    """EK-FAC's factors and eigenvalue corrections sum over the columns k of squares of
+    (J_i^T L_i e_k)-terms, so the closed-form root and the eigendecomposition's give one fit."""
+    from precompute.ekfac import EKFAC
+    from precompute.gauss_newton import STANDARD_ROOTS
+
+    model, data = model_and_data(n=50)
+    closed = LossSplit(logits_of, CE.loss_of_outputs, "test", root=STANDARD_ROOTS["cross-entropy"])
+    fast = EKFAC(objective_for(model, data, split=closed), fisher="ggn").fit()
+    slow = EKFAC(objective_for(model, data), fisher="ggn").fit()
+    for a, b in zip(fast.blocks, slow.blocks, strict=True):
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-10, atol=1e-13)
+    rhs = torch.randn(3, fast.objective.size, dtype=torch.float64)
+    torch.testing.assert_close(fast.solve(rhs, 0.1), slow.solve(rhs, 0.1), rtol=1e-10, atol=1e-12)
 
 
 def test_pcg_on_the_ggn_fits_its_preconditioner_to_the_ggn():
