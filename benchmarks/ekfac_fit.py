@@ -8,6 +8,10 @@ K forward-over-reverse products and an eigendecomposition per batch (as task hoo
 
     python benchmarks/ekfac_fit.py --m 100000
     python benchmarks/ekfac_fit.py --m 20000 --fisher ggn
+    python benchmarks/ekfac_fit.py --m 20000 --fisher ggn --classes 2
+
+The closed-form root of cross-entropy has K - 1 columns (the Hessian's rank), the general one
+K: with two classes the closed form takes one backward pass per batch where products took two.
 
 Both fits give the same curvature (the solve of the same right-hand sides is printed).
 """
@@ -45,8 +49,9 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--fisher", choices=("empirical", "ggn"), default="empirical")
+    parser.add_argument("--classes", type=int, default=10, help="the MLP's outputs")
     args = parser.parse_args()
-    model, data, space, s = model_and_data(args.m, 32, "cpu")
+    model, data, space, s = model_and_data(args.m, 32, "cpu", classes=args.classes)
     ce = STANDARD_LOSSES["cross-entropy"]
     split = LossSplit(
         lambda mod, b: mod(b[0]), ce, "benchmark", root=STANDARD_ROOTS["cross-entropy"]

@@ -46,20 +46,23 @@ class Passages(nn.Module):
         return self.head(mean)
 
 
-def model_and_data(m: int, q: int, device: str, model_name: str = "mlp", seed: int = 0):
+def model_and_data(
+    m: int, q: int, device: str, model_name: str = "mlp", seed: int = 0, classes: int = CLASSES
+):
     """A model, m synthetic examples and q random test-side vectors.
 
-    mlp: a 51.6k-parameter tanh MLP on 200 inputs. passages: the `news` model (a 3,200 x 32
-    word embedding and a 32 -> 300 head, 112k parameters) on padded passages of 32 tokens.
+    mlp: a 51.6k-parameter tanh MLP on 200 inputs (`classes` outputs, 10 by default).
+    passages: the `news` model (a 3,200 x 32 word embedding and a 32 -> 300 head, 112k
+    parameters) on padded passages of 32 tokens.
     """
     torch.manual_seed(seed)
     if model_name == "mlp":
         model = nn.Sequential(
             nn.Linear(INPUTS, 192), nn.Tanh(), nn.Linear(192, 64), nn.Tanh(),
-            nn.Linear(64, CLASSES),
+            nn.Linear(64, classes),
         )  # fmt: skip
         x = torch.randn(m, INPUTS)
-        y = torch.randint(0, CLASSES, (m,))
+        y = torch.randint(0, classes, (m,))
     else:
         model = Passages()
         lengths = torch.randint(5, LENGTH + 1, (m, 1))

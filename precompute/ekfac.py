@@ -240,7 +240,7 @@ class EKFAC:
 
         def weights_of(outputs: torch.Tensor, batch) -> torch.Tensor:
             if every_column(outputs):  # the exact GGN, no noise
-                roots = ggn_roots(split, self.model, batch, outputs)  # [B, K, K]
+                roots = ggn_roots(split, self.model, batch, outputs)  # [B, K, C]
                 return roots.permute(2, 0, 1)  # column k: roots[..., k]
             return ggn_samples(split, self.model, batch, generator, outputs)[None]
 
@@ -390,14 +390,14 @@ def network_outputs(split, model: nn.Module, batch) -> torch.Tensor:
 
 def ggn_roots(split, model: nn.Module, batch, outputs: torch.Tensor | None = None) -> torch.Tensor:
     """L_i with L_i L_i^T = H_i, the Hessian of the loss in example i's outputs (from split;
-    K = outputs per example): [B, K, K]; in closed form where the split knows its loss
-    (split.root: for cross-entropy diag(sqrt p) - p sqrt(p)^T, O(K^2) per example), else by K
-    forward-over-reverse products of the loss in the outputs, one per output coordinate for all
-    examples at once (the loss is a sum of per-example terms), and an eigendecomposition of each
-    H_i: 0.19 s against 0.006 s for 20,000 examples of 10 logits (a scratch script). Any root
-    serves: the Gauss-Newton matrix sum_k (J_i^T L_i e_k)(J_i^T L_i e_k)^T = J_i^T H_i J_i, and
-    EK-FAC's factors and eigenvalue corrections, whose sums over k are of that form too, are
-    the same for L_i and L_i R with R orthogonal.
+    K = outputs per example): [B, K, C], C columns; in closed form where the split knows its
+    loss (split.root: for cross-entropy K - 1 columns, the Hessian's rank, O(K^2) per example),
+    else C = K by K forward-over-reverse products of the loss in the outputs, one per output
+    coordinate for all examples at once (the loss is a sum of per-example terms), and an
+    eigendecomposition of each H_i: 0.19 s against 0.006 s for 20,000 examples of 10 logits (a
+    scratch script). Any root serves: the Gauss-Newton matrix sum_k (J_i^T L_i e_k)(J_i^T L_i
+    e_k)^T = J_i^T L_i L_i^T J_i, and EK-FAC's factors and eigenvalue corrections, whose sums
+    over the columns k are of that form too, depend on L_i only through L_i L_i^T = H_i.
 
     For any w_i = L_i e, the gradient of <f_i, w_i> (w held constant) is J_i^T L_i e, and
     sum_k (J_i^T L_i e_k)(J_i^T L_i e_k)^T = J_i^T H_i J_i: an EK-FAC fitted on the gradients of
@@ -409,7 +409,7 @@ def ggn_roots(split, model: nn.Module, batch, outputs: torch.Tensor | None = Non
     flat = outputs.reshape(len(outputs), -1)
     k = flat.shape[1]
     if split.root is not None:
-        return split.root(outputs, batch).reshape(len(flat), k, k)
+        return split.root(outputs, batch).reshape(len(flat), k, -1)
 
     def loss_grad(f):
         return torch.func.grad(lambda o: split.loss_of_outputs(o.view_as(outputs), batch).sum())(f)
@@ -434,7 +434,7 @@ def ggn_samples(
         return split.sample(outputs, batch, generator).reshape(len(outputs), -1)
     roots = ggn_roots(split, model, batch, outputs)
     noise = torch.randn(
-        roots.shape[:2], generator=generator, device=roots.device, dtype=roots.dtype
+        (len(roots), roots.shape[2]), generator=generator, device=roots.device, dtype=roots.dtype
     )  # fmt: skip
     return (roots @ noise[..., None]).squeeze(-1)
 

@@ -66,12 +66,21 @@ def _squared_sample(reduce: str, half: bool):
 
 
 def _cross_entropy_root(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
-    """L = diag(sqrt p) - p sqrt(p)^T [B, K, K]: L L^T = diag(p) - 2 p p^T + p (sqrt p . sqrt p)
-    p^T = diag(p) - p p^T (the entries of p sum to 1), the Hessian of cross-entropy in the
-    logits."""
+    """L = diag(s) B [B, K, K - 1], s = sqrt(p), B an orthonormal basis of the complement of s:
+    L L^T = diag(s) (I - s s^T) diag(s) = diag(p) - p p^T, the Hessian of cross-entropy in the
+    logits, whose rank is K - 1 (its rows sum to zero), so K - 1 columns carry all of it: one
+    backward pass per batch fewer in every fit that takes each column (half of them for two
+    classes). B is the first K - 1 columns of the Householder reflection I - w w^T / (1 + s_K),
+    w = s + e_K, which takes s to -e_K (|w|^2 = 2 (1 + s_K) >= 2: no cancellation)."""
     p = outputs.softmax(-1)
-    root = p.sqrt()
-    return torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
+    s = p.sqrt()
+    if s.shape[1] == 1:  # one class: a zero Hessian, kept as one column
+        return torch.zeros_like(s)[:, :, None]
+    w = s.clone()
+    w[:, -1] += 1
+    eye = torch.eye(s.shape[1], dtype=s.dtype, device=s.device)[:, :-1]
+    basis = eye - w[:, :, None] * w[:, None, :-1] / (1 + s[:, -1, None, None])
+    return s[:, :, None] * basis
 
 
 def _squared_root(reduce: str, half: bool):
@@ -96,7 +105,7 @@ STANDARD_SAMPLES = {
     "cross-entropy": _cross_entropy_sample,
     **{f"{'half ' if h else ''}squared error ({r})": _squared_sample(r, h) for r, h in _SQUARED},
 }
-# per standard loss: a root L_i of the loss Hessian in the outputs (L_i L_i^T = H_i), [B, K, K]
+# per standard loss: a root L_i of the loss Hessian in the outputs (L_i L_i^T = H_i), [B, K, C]
 STANDARD_ROOTS = {
     "cross-entropy": _cross_entropy_root,
     **{f"{'half ' if h else ''}squared error ({r})": _squared_root(r, h) for r, h in _SQUARED},

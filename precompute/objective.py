@@ -194,8 +194,9 @@ class LossSplit:
     came from (the task's hooks, or the standard loss it was recognised as). `sample(outputs,
     batch, generator)`, where known (the standard losses), draws w_i [B, K] (K = outputs per
     example) with E[w_i w_i^T] = d2h/df2 at f_i in closed form, for EK-FAC's sampled fit;
-    `root(outputs, batch)`, where known, L_i [B, K, K] with L_i L_i^T = d2h/df2 at f_i in closed
-    form, for the fits and stored factors that take every column (precompute.ekfac.ggn_roots)."""
+    `root(outputs, batch)`, where known, L_i [B, K, C] with L_i L_i^T = d2h/df2 at f_i in closed
+    form (C columns, as few as the Hessian's rank allows), for the fits and stored factors that
+    take every column (precompute.ekfac.ggn_roots)."""
 
     outputs: LossFn
     loss_of_outputs: Callable[[torch.Tensor, Any], torch.Tensor]

@@ -255,11 +255,12 @@ def test_what_factors_cannot_hold_goes_by_forward_and_reverse_mode(objective, re
 
 
 def test_factors_past_the_budget_are_not_stored():
-    """30 examples of inputs 5 + 7 and output gradients 3 x (6 + 3): 30 x 39 entries."""
-    factors, how = GGNFactors.record(mlp_objective(), budget=1169)
+    """30 examples of inputs 5 + 7 and output gradients 2 x (6 + 3), 2 = the 3 classes' root's
+    columns: 30 x 30 entries."""
+    factors, how = GGNFactors.record(mlp_objective(), budget=899)
     assert factors is None
-    assert how == "forward and reverse mode: 1,170 factor entries, over the budget of 1,169"
-    assert GGNFactors.record(mlp_objective(), budget=1170)[0] is not None
+    assert how == "forward and reverse mode: 900 factor entries, over the budget of 899"
+    assert GGNFactors.record(mlp_objective(), budget=900)[0] is not None
 
 
 def test_the_default_budget_is_a_share_of_the_memory(monkeypatch):
@@ -267,11 +268,11 @@ def test_the_default_budget_is_a_share_of_the_memory(monkeypatch):
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert precompute.factors.device_memory(torch.device("cpu")) == physical
-    # 1,170 entries of 8 bytes: stored within 9,360 bytes, not within 9,359
+    # 900 entries of 8 bytes: stored within 7,200 bytes, not within 7,199
     share = precompute.factors.FACTOR_SHARE
-    monkeypatch.setattr(precompute.factors, "device_memory", lambda device: 9360 * share)
+    monkeypatch.setattr(precompute.factors, "device_memory", lambda device: 7200 * share)
     assert GGNFactors.record(mlp_objective())[0] is not None
-    monkeypatch.setattr(precompute.factors, "device_memory", lambda device: 9359 * share)
+    monkeypatch.setattr(precompute.factors, "device_memory", lambda device: 7199 * share)
     assert GGNFactors.record(mlp_objective())[0] is None
 
 

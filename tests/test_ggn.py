@@ -295,16 +295,32 @@ def test_closed_form_roots_are_roots_of_the_loss_hessian(name):
         LossSplit(logits_of, STANDARD_LOSSES[name], name, root=STANDARD_ROOTS[name]), model, [x, y]
     )
     general = ggn_roots(LossSplit(logits_of, STANDARD_LOSSES[name], name), model, [x, y])
-    assert closed.shape == general.shape == (6, 3, 3)
+    assert general.shape == (6, 3, 3)
+    # cross-entropy's Hessian has rank K - 1 (rows summing to zero): K - 1 columns carry it
+    assert closed.shape == ((6, 3, 2) if name == "cross-entropy" else (6, 3, 3))
     hessian = general @ general.transpose(1, 2)
     torch.testing.assert_close(closed @ closed.transpose(1, 2), hessian, rtol=1e-12, atol=1e-14)
-    if name == "cross-entropy":  # another root than the eigendecomposition's: fits take either
-        assert not torch.allclose(closed, general)
+
+
+def test_the_cross_entropy_root_holds_for_confident_and_two_class_outputs():
+    """The closed form where the last class takes nearly all the mass (the reflection's
+    denominator at its largest), where another does, and for two classes (one column)."""
+    from precompute.gauss_newton import STANDARD_ROOTS
+
+    root = STANDARD_ROOTS["cross-entropy"]
+    logits = torch.tensor([[0.0, 0.0, 30.0], [30.0, 0.0, 0.0], [1.0, -2.0, 0.5]]).double()
+    for outputs in (logits, logits[:, :2]):
+        p = outputs.softmax(-1)
+        hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        columns = root(outputs, None)
+        assert columns.shape == (3, outputs.shape[1], outputs.shape[1] - 1)
+        torch.testing.assert_close(columns @ columns.transpose(1, 2), hessian, rtol=0, atol=1e-15)
 
 
 def test_ekfac_of_the_ggn_is_the_same_for_any_root_of_the_loss_hessian():
     """EK-FAC's factors and eigenvalue corrections sum over the columns k of squares of
-    (J_i^T L_i e_k)-terms, so the closed-form root and the eigendecomposition's give one fit."""
+    (J_i^T L_i e_k)-terms, so the closed-form root (K - 1 columns) and the eigendecomposition's
+    (K columns) give one fit."""
     from precompute.ekfac import EKFAC
     from precompute.gauss_newton import STANDARD_ROOTS
 
