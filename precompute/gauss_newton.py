@@ -66,12 +66,13 @@ def _squared_sample(reduce: str, half: bool):
 
 
 def _cross_entropy_root(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
-    """L = diag(s) B [B, K, K - 1], s = sqrt(p), B an orthonormal basis of the complement of s:
-    L L^T = diag(s) (I - s s^T) diag(s) = diag(p) - p p^T, the Hessian of cross-entropy in the
-    logits, whose rank is K - 1 (its rows sum to zero), so K - 1 columns carry all of it: one
-    backward pass per batch fewer in every fit that takes each column (half of them for two
-    classes). B is the first K - 1 columns of the Householder reflection I - w w^T / (1 + s_K),
-    w = s + e_K, which takes s to -e_K (|w|^2 = 2 (1 + s_K) >= 2: no cancellation)."""
+    """L = diag(s) V [batch, K, K - 1], s = sqrt(p), V [K, K - 1] an orthonormal basis of the
+    complement of s: L L^T = diag(s) (I - s s^T) diag(s) = diag(p) - p p^T, the Hessian of
+    cross-entropy in the logits, whose rank is K - 1 (its rows sum to zero), so K - 1 columns
+    carry all of it: one backward pass per batch fewer in every fit that takes each column
+    (half of them for two classes). V is the first K - 1 columns of the Householder reflection
+    I - w w^T / (1 + s_K), w = s + e_K, which takes s to -e_K (|w|^2 = 2 (1 + s_K) >= 2: no
+    cancellation)."""
     p = outputs.softmax(-1)
     s = p.sqrt()
     if s.shape[1] == 1:  # one class: a zero Hessian, kept as one column
