@@ -63,6 +63,17 @@ class _Inputs:
         """Entries per example and row of the product's largest intermediate."""
         return self.grads.shape[2]
 
+    def project(self, w: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """u [b, K, Q] += the layer's part of phi_ik^T v: the gradients [b, K, width] times the
+        rows' values at each example's output entries [b, width, Q] (`_rows_at`)."""
+        at = self._rows_at(w)
+        return torch.bmm(self.grads, at) if u is None else u.baddbmm_(self.grads, at)
+
+    def add_back(self, total: torch.Tensor, u: torch.Tensor) -> None:
+        """total += sum_i sum_k u_ik (the layer's part of phi_ik): the gradients' transpose
+        times u, [b, width, Q], added back through the layer's inputs (`_add_rows`)."""
+        self._add_rows(total, torch.bmm(self.grads.transpose(1, 2), u))
+
 
 @dataclass
 class _Dense(_Inputs):
@@ -72,14 +83,12 @@ class _Dense(_Inputs):
     come out [b, G N out, Q] and the per-example products with the gradients are Q wide: 0.35-
     0.37 s against 0.42-0.44 s for [b, Q, G N out] on scale's MLP (100 rows)."""
 
-    def project(self, w: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-        """u [b, K, Q] += the layer's part of phi_ik^T v, sum_n g_ikn^T V a_in."""
-        projected = _project(self.inputs, w)  # [b, G N out, Q]
-        return torch.bmm(self.grads, projected) if u is None else u.baddbmm_(self.grads, projected)
+    def _rows_at(self, w: torch.Tensor) -> torch.Tensor:
+        """V a_in for every example and position: [b, G N out, Q]."""
+        return _project(self.inputs, w)
 
-    def add_back(self, total: torch.Tensor, u: torch.Tensor) -> None:
-        """total [G, out, Q, in] += sum_i sum_k u_ik (the layer's part of phi_ik)."""
-        back = torch.bmm(self.grads.transpose(1, 2), u)  # [b, G N out, Q]
+    def _add_rows(self, total: torch.Tensor, back: torch.Tensor) -> None:
+        """total [G, out, Q, in] += sum_i sum_n back_in a_in^T."""
         _add_outer(total, back, self.inputs)
 
     def squared_norms(self) -> float:
@@ -110,15 +119,12 @@ class _Tokens(_Inputs):
     one batched product with the gradients: 0.67 s against 1.27-1.67 s for [vocabulary, Q, d]
     gathered then permuted (20,000 examples of 8 tokens, d = 32, Q = 100; a scratch script)."""
 
-    def project(self, w: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-        """u [b, K, Q] += sum_n g_ikn . V[t_in]."""
-        gathered = w[self.inputs].view(len(self.inputs), self.grads.shape[2], -1)  # [b, N d, Q]
-        return torch.bmm(self.grads, gathered) if u is None else u.baddbmm_(self.grads, gathered)
+    def _rows_at(self, w: torch.Tensor) -> torch.Tensor:
+        """V[t_in] for every example and position: [b, N d, Q]."""
+        return w[self.inputs].view(len(self.inputs), self.grads.shape[2], -1)
 
-    def add_back(self, total: torch.Tensor, u: torch.Tensor) -> None:
-        """total [vocabulary, d, Q], row t_in += sum_k u_ik g_ikn, for every example and
-        position."""
-        back = torch.bmm(self.grads.transpose(1, 2), u)  # [b, N d, Q]
+    def _add_rows(self, total: torch.Tensor, back: torch.Tensor) -> None:
+        """total [vocabulary, d, Q], row t_in += back_in, for every example and position."""
         total.index_add_(0, self.inputs.flatten(), back.view(self.inputs.numel(), *total.shape[1:]))
 
     def squared_norms(self) -> float:

@@ -52,13 +52,19 @@ def _cross_entropy_sample(outputs: torch.Tensor, batch: Any, generator) -> torch
     return p - torch.zeros_like(p).scatter_(1, drawn, 1.0)
 
 
+def _squared_curvature(reduce: str, half: bool, outputs: int) -> float:
+    """c with c I the Hessian of the squared error in the outputs: (1 if half else 2) / (the
+    outputs per example if the mean else 1)."""
+    return (1.0 if half else 2.0) / (outputs if reduce == "mean" else 1)
+
+
 def _squared_sample(reduce: str, half: bool):
-    """w = sqrt(c) e, e ~ N(0, I): E[w w^T] = c I, the Hessian of the squared error, with
-    c = (1 if half else 2) / (outputs per example if the mean else 1)."""
+    """w = sqrt(c) e, e ~ N(0, I): E[w w^T] = c I, the Hessian of the squared error
+    (`_squared_curvature`)."""
 
     def sample(outputs: torch.Tensor, batch: Any, generator) -> torch.Tensor:
         flat = outputs.reshape(len(outputs), -1)
-        c = (1.0 if half else 2.0) / (flat.shape[1] if reduce == "mean" else 1)
+        c = _squared_curvature(reduce, half, flat.shape[1])
         noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
         return c**0.5 * noise
 
@@ -85,12 +91,12 @@ def _cross_entropy_root(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
 
 
 def _squared_root(reduce: str, half: bool):
-    """L = sqrt(c) I [B, K, K]: L L^T = c I, the Hessian of the squared error (c as in
-    `_squared_sample`)."""
+    """L = sqrt(c) I [B, K, K]: L L^T = c I, the Hessian of the squared error
+    (`_squared_curvature`)."""
 
     def root(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         flat = outputs.reshape(len(outputs), -1)
-        c = (1.0 if half else 2.0) / (flat.shape[1] if reduce == "mean" else 1)
+        c = _squared_curvature(reduce, half, flat.shape[1])
         return torch.diag_embed(torch.full_like(flat, c**0.5))
 
     return root
