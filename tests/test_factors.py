@@ -150,18 +150,21 @@ def test_convolutions_positions_repeated_calls_and_a_layer_without_bias():
     assert_products_agree(mixed_objective())
 
 
-def norm_objective():
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+def classifier_objective(model: type[nn.Module], seed: int, tokens: bool = False):
+    """12 examples of 3 classes under cross-entropy: 4 features, or 5 tokens of 7."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 7, (12, 5), generator=g) if tokens else torch.randn(12, 4, generator=g)
+    y = torch.randint(0, 3, (12,), generator=g)
     torch.manual_seed(0)
-    return objective_for(WithNorm(), x, y, cross_entropy, "cross-entropy")
+    return objective_for(model(), x, y, cross_entropy, "cross-entropy")
+
+
+def norm_objective():
+    return classifier_objective(WithNorm, 5)
 
 
 def tied_objective():
-    g = torch.Generator().manual_seed(6)
-    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
-    torch.manual_seed(0)
-    return objective_for(Tied(), x, y, cross_entropy, "cross-entropy")
+    return classifier_objective(Tied, 6)
 
 
 def test_parameters_outside_dense_layers_keep_their_gradients():
@@ -182,10 +185,7 @@ def test_a_tied_weight_keeps_its_gradients_and_the_layers_their_factors(monkeypa
 
 
 def embedding_objective():
-    g = torch.Generator().manual_seed(7)
-    x, y = torch.randint(0, 7, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g)
-    torch.manual_seed(0)
-    return objective_for(WithEmbedding(), x, y, cross_entropy, "cross-entropy")
+    return classifier_objective(WithEmbedding, 7, tokens=True)
 
 
 def test_an_embedding_keeps_its_tokens_and_output_gradients(monkeypatch):
@@ -246,7 +246,6 @@ def test_auto_damping_takes_the_exact_mean_eigenvalue_from_the_factors(solver):
     ("objective", "reason"),
     [
         (lambda: mlp_objective(outputs=17), "17 outputs per example"),
-
     ],
 )  # fmt: skip
 def test_what_factors_cannot_hold_goes_by_forward_and_reverse_mode(objective, reason):
